@@ -1,0 +1,1 @@
+"""Data: sources, tokenizer, TFDS builder, Grain pipeline. Never imports the model."""

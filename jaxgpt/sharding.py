@@ -1,0 +1,120 @@
+"""Device meshes, logical-axis rules, and multi-host start-up.
+
+The model names its axes ('embed', 'heads', 'act_batch', ...); the rules below
+map each name to mesh axes. Changing parallelism is changing the mesh shape in
+config: data parallel is (data=N), FSDP is (fsdp=N), Megatron-style tensor
+parallel is (tensor=N), and any product of them. One device runs the same code
+on a 1x1x1 mesh.
+"""
+
+import contextlib
+import math
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxgpt.config import JaxgptError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical name -> mesh axes. Parameters are sharded over 'fsdp' along their
+# embed dimension (ZeRO-3 style) and over 'tensor' along heads / mlp / vocab;
+# activations are sharded over the batch by both data-parallel axes.
+LOGICAL_RULES = (
+    ('act_batch', ('data', 'fsdp')),
+    ('act_tokens', ('data', 'fsdp')),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_kv', None),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('length', None),
+    ('layers', None),
+)
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Resolves the configured (data, fsdp, tensor) sizes, one of which may be -1."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  described = ', '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise JaxgptError(f'mesh ({described}) is invalid: sizes must be positive, with at most one -1.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise JaxgptError(
+          f'mesh ({described}) does not divide the {num_devices} devices: the fixed axes '
+          f'multiply to {known}. Choose sizes whose product divides {num_devices}.')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise JaxgptError(
+        f'mesh ({described}) needs {math.prod(sizes)} devices but {num_devices} are available. '
+        f'Make the product of mesh.data, mesh.fsdp and mesh.tensor equal {num_devices}, '
+        'or set one of them to -1.')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: the logical-rule constraints in the model need them (Explicit is jax.make_mesh's default).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh):
+  """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_divisibility(config, mesh: Mesh) -> None:
+  """Catches the shapes that would otherwise fail deep inside XLA."""
+  dp = data_parallel_size(mesh)
+  micro = config.batch_size // config.optim.grad_accum_steps
+  if micro % dp:
+    raise JaxgptError(
+        f'batch_size={config.batch_size} with optim.grad_accum_steps={config.optim.grad_accum_steps} '
+        f'gives microbatches of {micro}, not divisible by the data-parallel size {dp} '
+        f'(mesh.data x mesh.fsdp). Use a batch size that is a multiple of {dp * config.optim.grad_accum_steps}.')
+  if config.batch_size % jax.process_count():
+    raise JaxgptError(f'batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes.')
+  tp = mesh.shape['tensor']
+  if config.model.num_heads % tp or config.model.mlp_dim % tp:
+    raise JaxgptError(
+        f'mesh.tensor={tp} must divide model.num_heads={config.model.num_heads} '
+        f'and model.mlp_dim={config.model.mlp_dim}.')
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles this process's rows into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh):
+  """Makes the model's logical activation constraints resolve against `mesh`."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield

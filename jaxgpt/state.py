@@ -1,0 +1,98 @@
+"""The training state, created directly sharded on the mesh, and a run directory's files.
+
+Parameters are initialised inside `jax.jit` with out_shardings taken from the
+model's logical axis names, so no device ever holds a full unsharded copy of
+a model that was meant to be split.
+"""
+
+import json
+import os
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+from jaxgpt import sharding
+from jaxgpt.checkpoint import SHAPE_FIELDS, Checkpointer
+from jaxgpt.config import JaxgptError
+from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.model import GPT, ModelConfig
+from jaxgpt.optim import make_optimizer
+
+CONFIG_FILE = 'config.json'
+TOKENIZER_FILE = 'tokenizer.model'
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def build_model(config, vocab_size: int) -> GPT:
+  return GPT(ModelConfig.from_config(config.model, vocab_size))
+
+
+def _init_fn(model: GPT, tx: optax.GradientTransformation, seq_len: int):
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    # The optimizer state is built from the boxed params so it inherits their logical axes.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def state_shardings(model, tx, seq_len, mesh):
+  """NamedShardings for every leaf of the TrainState, from the logical axis rules."""
+  abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
+  return sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+
+
+def create_state(model, tx, seq_len: int, mesh, rng) -> TrainState:
+  init = _init_fn(model, tx, seq_len)
+  shardings = state_shardings(model, tx, seq_len, mesh)
+  with sharding.activation_rules(mesh):
+    return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def abstract_state(model, tx, seq_len: int, mesh) -> TrainState:
+  """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto `mesh`."""
+  shapes = nn.unbox(jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0)))
+  shardings = state_shardings(model, tx, seq_len, mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def checkpoint_meta(config, tokenizer: Tokenizer) -> dict:
+  """What a checkpoint must agree with to be resumed: see checkpoint.check_compatible."""
+  return {
+      'config': json.loads(config.to_json()),
+      'tokenizer_fingerprint': tokenizer.fingerprint,
+      'model_shape': {**{k: config.model[k] for k in SHAPE_FIELDS}, 'vocab_size': tokenizer.vocab_size},
+  }
+
+
+def load_run(workdir: str) -> tuple[ConfigDict, Tokenizer]:
+  """The config and tokenizer that jaxgpt.train saved in `workdir`."""
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise JaxgptError(f'{workdir} is not a jaxgpt run directory (no {CONFIG_FILE}). '
+                      'Pass the --workdir you gave jaxgpt.train.')
+  with open(config_path) as f:
+    config = ConfigDict(json.load(f))
+  return config, Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
+
+
+def load_params(config, tokenizer: Tokenizer, workdir: str, step: int | None = None):
+  """(model, params, step) from a run's checkpoint, on a one-device mesh."""
+  model = build_model(config, tokenizer.vocab_size)
+  tx = make_optimizer(config.optim, config.train.num_steps)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise JaxgptError(f'{workdir} has no checkpoint yet. Train first, or wait for the first save.')
+  state = checkpointer.restore(step, abstract_state(model, tx, config.seq_len, mesh))
+  checkpointer.close()
+  return model, state.params, step

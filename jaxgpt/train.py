@@ -1,0 +1,240 @@
+"""Training: `python -m jaxgpt.train --config configs/X.py --workdir DIR [--config.a.b=value]`.
+
+Raw text -> tokenizer + TFDS dataset (cached) -> Grain batches -> one jitted,
+sharded train step with donated state -> periodic validation, async Orbax
+checkpoints and logs -> samples at the end. Running again with the same
+workdir resumes from the latest checkpoint, data position included.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+
+from jaxgpt import sharding, state as state_lib
+from jaxgpt.checkpoint import Checkpointer, check_compatible
+from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
+from jaxgpt.data import builder, pipeline
+from jaxgpt.metrics import MetricWriter, format_duration, peak_flops_per_device
+from jaxgpt.model import flops_per_token, num_params
+from jaxgpt.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.sample import decode_text, generate
+
+RESULTS_FILE = 'results.json'
+
+
+def loss_sums(model, params, batch, rng=None):
+  """(sum of token losses, number of tokens) over the tokens the loss mask keeps.
+
+  Sums rather than a mean so microbatches and eval batches combine exactly.
+  """
+  logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
+                       deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  mask = batch['loss_mask'].astype(jnp.float32)
+  return (losses * mask).sum(), mask.sum()
+
+
+def make_train_step(model, tx, schedule, accum_steps: int):
+  def train_step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)  # no hidden RNG state: resume gives the same dropout
+
+    def grads_of(microbatch, micro_rng):
+      (loss_sum, count), grads = jax.value_and_grad(
+          lambda p: loss_sums(model, p, microbatch, micro_rng), has_aux=True)(state.params)
+      return loss_sum, count, grads
+
+    if accum_steps == 1:
+      loss_sum, count, grad_sum = grads_of(batch, rng)
+    else:
+      # Row i of microbatch j is row i * accum + j of the batch: each device keeps its own rows.
+      micro = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def accumulate(carry, xs):
+        microbatch, j = xs
+        loss_sum, count, grads = grads_of(microbatch, jax.random.fold_in(rng, j))
+        return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+
+      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+      (loss_sum, count, grad_sum), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
+
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grad_sum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    metrics = {'loss': loss_sum / count, 'grad_norm': optax.global_norm(grads),
+               'learning_rate': schedule(state.step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def evaluate(eval_step, params, source, config, mesh) -> dict:
+  """Mean validation loss over the first `train.eval_batches` batches of the split."""
+  batches = pipeline.make_iterator(source, seq_len=config.seq_len, shuffle=False, seed=0,
+                                   local_batch_size=config.batch_size // jax.process_count())
+  loss_sum, count = 0.0, 0.0
+  for _ in range(config.train.eval_batches):
+    s, n = eval_step(params, sharding.global_batch(next(batches), mesh))
+    loss_sum, count = loss_sum + s, count + n
+  loss = float(loss_sum / max(float(count), 1.0))
+  return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0)))}
+
+
+def _prepare_workdir(workdir: str, config, tokenizer) -> None:
+  """Checks the workdir can be written and belongs to this tokenizer; saves config and tokenizer."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-probe-{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise JaxgptError(f'cannot write to --workdir {workdir} ({e.strerror}). Choose a writable directory.') from None
+  saved = os.path.join(workdir, state_lib.TOKENIZER_FILE)
+  if os.path.isfile(saved):
+    from jaxgpt.data.tokenizer import Tokenizer
+    old = Tokenizer.load(saved)
+    if old.fingerprint != tokenizer.fingerprint:
+      raise JaxgptError(
+          f'{workdir} belongs to a run with a different tokenizer ({old.fingerprint}, now '
+          f'{tokenizer.fingerprint}): the data settings changed. Use the same data settings as '
+          'that run, or a new --workdir.')
+  if jax.process_index() == 0:
+    tokenizer.save(saved)
+    with open(os.path.join(workdir, state_lib.CONFIG_FILE), 'w') as f:
+      f.write(config.to_json(indent=2))
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
+  validate(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_divisibility(config, mesh)
+  writer = MetricWriter(workdir)
+  data = builder.prepare(config.data, log=writer.log)
+  tokenizer = data.tokenizer
+  _prepare_workdir(workdir, config, tokenizer)
+
+  model = state_lib.build_model(config, tokenizer.vocab_size)
+  steps = config.train.num_steps
+  schedule = learning_rate_schedule(config.optim, steps)
+  tx = make_optimizer(config.optim, steps)
+  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  meta = state_lib.checkpoint_meta(config, tokenizer)
+  train_batches = pipeline.make_iterator(
+      data.source('train'), seq_len=config.seq_len, seed=config.seed, shuffle=config.data.shuffle,
+      local_batch_size=config.batch_size // jax.process_count())
+
+  start = checkpointer.latest_step()
+  if start is None:
+    start = 0
+    state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(config.seed))
+  else:
+    check_compatible(checkpointer.read_meta(start), meta, workdir)
+    state = checkpointer.restore(start, state_lib.abstract_state(model, tx, config.seq_len, mesh),
+                                 train_batches)
+    writer.log(f'resumed from step {start} in {checkpointer.directory}')
+
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_step = jax.jit(
+      make_train_step(model, tx, schedule, config.optim.grad_accum_steps),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  eval_step = jax.jit(lambda params, batch: loss_sums(model, params, batch),
+                      in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
+  dropout_rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
+
+  tokens_per_step = config.batch_size * config.seq_len
+  model_flops = flops_per_token(model.cfg, config.seq_len)
+  peak, peak_source = peak_flops_per_device(config.train.peak_flops_per_device)
+  writer.log(f'model: {num_params(state.params) / 1e6:.2f}M parameters, {model_flops / 1e6:.1f} MFLOPs/token; '
+             f'mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s per device ({peak_source})')
+
+  results = {}
+  pending, interval_start, interval_steps = [], time.perf_counter(), 0
+  with sharding.activation_rules(mesh):
+    for step in range(start, steps):
+      batch = sharding.global_batch(next(train_batches), mesh)
+      state, metrics = train_step(state, batch, dropout_rng)
+      pending.append(metrics)
+      interval_steps += 1
+      done = step + 1
+      if step == start:
+        jax.block_until_ready(state)
+        writer.log(f'step {done}: compiled and ran the first step in {time.perf_counter() - interval_start:.1f}s')
+        pending, interval_start, interval_steps = [], time.perf_counter(), 0
+        continue
+      if done % config.train.log_every == 0 or done == steps:
+        host = jax.device_get(pending)  # the only sync point: metrics stay on device between logs
+        elapsed = time.perf_counter() - interval_start
+        step_time = elapsed / interval_steps
+        tokens_per_sec = tokens_per_step / step_time
+        mfu = model_flops * tokens_per_sec / (peak * jax.device_count())
+        loss = float(np.mean([m['loss'] for m in host]))
+        writer.log(f'step {done}/{steps} | loss {loss:.3f} | lr {host[-1]["learning_rate"]:.2e} | '
+                   f'grad norm {host[-1]["grad_norm"]:.2f} | {tokens_per_sec:,.0f} tok/s | '
+                   f'MFU {100 * mfu:.1f}% | ETA {format_duration(step_time * (steps - done))}')
+        writer.scalars(done, {'train/loss': loss, 'train/learning_rate': float(host[-1]['learning_rate']),
+                              'train/grad_norm': float(host[-1]['grad_norm']),
+                              'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu})
+        pending, interval_start, interval_steps = [], time.perf_counter(), 0
+      if done % config.train.eval_every == 0 or done == steps:
+        results = evaluate(eval_step, state.params, data.source('validation'), config, mesh)
+        writer.log(f'step {done}: validation loss {results["loss"]:.3f} | perplexity {results["perplexity"]:.2f}')
+        writer.scalars(done, {'val/loss': results['loss'], 'val/perplexity': results['perplexity']})
+        interval_start = time.perf_counter()
+      if done % config.train.checkpoint_every == 0 or done == steps:
+        checkpointer.save(done, state, train_batches, meta)
+        interval_start = time.perf_counter()
+
+  checkpointer.wait()
+  checkpointer.close()
+  if not results:
+    results = evaluate(eval_step, state.params, data.source('validation'), config, mesh)
+    writer.log(f'already at step {start}/{steps}: validation loss {results["loss"]:.3f} | '
+               f'perplexity {results["perplexity"]:.2f}')
+  results['step'] = max(start, steps)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
+      json.dump(results, f, indent=2)
+  _print_samples(model, state.params, tokenizer, config, writer)
+  writer.close()
+  return results
+
+
+def _print_samples(model, params, tokenizer, config, writer) -> None:
+  prompts = list(config.sample.prompts)
+  if not prompts:
+    return
+  outputs = generate(model, params, [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts],
+                     max_new_tokens=config.sample.max_new_tokens, temperature=config.sample.temperature,
+                     top_k=config.sample.top_k, eos_id=tokenizer.eos_id, seed=config.seed)
+  for prompt, continuation in zip(prompts, outputs):
+    writer.log(f'--- sample, prompt {prompt!r}\n{prompt}{decode_text(tokenizer, continuation)}')
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS.workdir:
+    raise JaxgptError('--workdir is required: the directory for checkpoints, logs and samples.')
+  train(require_config(flags.FLAGS.config), flags.FLAGS.workdir)
+
+
+def cli():
+  define_config_flag()
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples; reused to resume.')
+  run_cli(main)
+
+
+if __name__ == '__main__':
+  cli()
