@@ -12,7 +12,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.seq_len = 256
+  c.seq_len = 128
   c.batch_size = 16  # global, across all devices and hosts
 
   c.data = ml_collections.ConfigDict()
@@ -23,7 +23,7 @@ def get_config():
   c.data.max_docs = 0  # 0 = every document; a cap makes small experiments fast
   c.data.val_fraction = 0.05  # documents (files or JSONL lines) held out for validation
   c.data.on_bad_utf8 = 'skip'  # 'skip' (counted and named) or 'error'
-  c.data.vocab_size = 8192  # SentencePiece BPE vocabulary, trained on the train split
+  c.data.vocab_size = 4096  # SentencePiece BPE vocabulary, trained on the train split
   c.data.cache_dir = '~/.cache/jaxgpt'  # tokenizer and TFDS dataset, reused across runs
   c.data.shuffle = True
 
@@ -32,7 +32,7 @@ def get_config():
   c.model.num_heads = 4
   c.model.embed_dim = 256
   c.model.mlp_dim = 1024
-  c.model.max_len = 256
+  c.model.max_len = 128
   c.model.dropout_rate = 0.0
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.scan_layers = True  # compile time independent of depth
@@ -41,7 +41,7 @@ def get_config():
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-3
   c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
-  c.optim.warmup_steps = 50
+  c.optim.warmup_steps = 30
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.1
@@ -50,11 +50,11 @@ def get_config():
   c.optim.grad_accum_steps = 1  # microbatches per step; batch_size must divide
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 600
-  c.train.log_every = 25
-  c.train.eval_every = 200
+  c.train.num_steps = 300
+  c.train.log_every = 20
+  c.train.eval_every = 100
   c.train.eval_batches = 8
-  c.train.checkpoint_every = 200
+  c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 3
   c.train.peak_flops_per_device = 0.0  # 0 = look up the device, or measure a matmul on CPU
 
@@ -65,7 +65,7 @@ def get_config():
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ('def ', 'import os\n', 'class ')
-  c.sample.max_new_tokens = 96
+  c.sample.max_new_tokens = 64
   c.sample.temperature = 0.8
   c.sample.top_k = 40
   return c

@@ -76,9 +76,10 @@ def make_train_step(model, tx, schedule, accum_steps: int):
   return train_step
 
 
-def evaluate(eval_step, params, source, config, mesh) -> dict:
-  """Mean validation loss over the first `train.eval_batches` batches of the split."""
-  batches = pipeline.make_iterator(source, seq_len=config.seq_len, shuffle=False, seed=0,
+def evaluate(eval_step, params, data, config, mesh) -> dict:
+  """Mean validation loss over the first `train.eval_batches` batches of the validation split."""
+  batches = pipeline.make_iterator(data.chunks('validation', config.seq_len + 1), seq_len=config.seq_len,
+                                   shuffle=False, seed=0,
                                    local_batch_size=config.batch_size // jax.process_count())
   loss_sum, count = 0.0, 0.0
   for _ in range(config.train.eval_batches):
@@ -131,8 +132,8 @@ def train(config, workdir: str) -> dict:
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
   meta = state_lib.checkpoint_meta(config, tokenizer)
   train_batches = pipeline.make_iterator(
-      data.source('train'), seq_len=config.seq_len, seed=config.seed, shuffle=config.data.shuffle,
-      local_batch_size=config.batch_size // jax.process_count())
+      data.chunks('train', config.seq_len + 1), seq_len=config.seq_len, seed=config.seed,
+      shuffle=config.data.shuffle, local_batch_size=config.batch_size // jax.process_count())
 
   start = checkpointer.latest_step()
   if start is None:
@@ -189,7 +190,7 @@ def train(config, workdir: str) -> dict:
                               'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu})
         pending, interval_start, interval_steps = [], time.perf_counter(), 0
       if done % config.train.eval_every == 0 or done == steps:
-        results = evaluate(eval_step, state.params, data.source('validation'), config, mesh)
+        results = evaluate(eval_step, state.params, data, config, mesh)
         writer.log(f'step {done}: validation loss {results["loss"]:.3f} | perplexity {results["perplexity"]:.2f}')
         writer.scalars(done, {'val/loss': results['loss'], 'val/perplexity': results['perplexity']})
         interval_start = time.perf_counter()
@@ -200,7 +201,7 @@ def train(config, workdir: str) -> dict:
   checkpointer.wait()
   checkpointer.close()
   if not results:
-    results = evaluate(eval_step, state.params, data.source('validation'), config, mesh)
+    results = evaluate(eval_step, state.params, data, config, mesh)
     writer.log(f'already at step {start}/{steps}: validation loss {results["loss"]:.3f} | '
                f'perplexity {results["perplexity"]:.2f}')
   results['step'] = max(start, steps)

@@ -20,11 +20,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxgpt.config import JaxgptError
-from jaxgpt.data import sources
+from jaxgpt.data import pipeline, sources
 from jaxgpt.data.tokenizer import Tokenizer, train_tokenizer
 
 # Bump when the on-disk layout or tokenization changes, to invalidate old caches.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _SPLITS = ('train', 'validation')
 _ENCODE_BATCH = 64
 TOKENIZER_FILE = 'tokenizer.model'
@@ -60,8 +60,13 @@ class PreparedData:
   report: dict
 
   def source(self, split: str):
-    """A random-access source of {'tokens': int32 array} for Grain."""
+    """A random-access source of {'tokens': int32 array} for Grain, one per document."""
     return tfds.builder_from_directory(self._tfds_dir()).as_data_source(split)
+
+  def chunks(self, split: str, chunk_len: int) -> pipeline.DocumentChunks:
+    """The split as pieces of at most `chunk_len` tokens, the unit that training shuffles."""
+    lengths = np.load(os.path.join(self.directory, f'lengths-{split}.npy'))
+    return pipeline.DocumentChunks(self.source(split), lengths, chunk_len)
 
   def _tfds_dir(self) -> str:
     return os.path.join(self.directory, 'tfds', 'tokenized_text', str(TokenizedText.VERSION))
@@ -106,6 +111,7 @@ def prepare(data_cfg, log=print) -> PreparedData:
     return PreparedData(directory, Tokenizer.load(os.path.join(directory, TOKENIZER_FILE)), report)
 
   start = time.time()
+  tfds.disable_progress_bar()  # our own log lines say what happens; TFDS's bars flood the console
   split_keys = sources.split_keys(keys, data_cfg.val_fraction)
   log(f'data: preparing {len(keys)} documents from {sources.root(data_cfg)} '
       f'({len(split_keys["train"])} train, {len(split_keys["validation"])} validation)')
@@ -136,6 +142,10 @@ def prepare(data_cfg, log=print) -> PreparedData:
       raise JaxgptError(f'the {split} split has no usable documents ({skipped[split].summary()}). '
                         'Add more text or lower data.val_fraction.')
 
+  prepared = PreparedData(building, tokenizer, {})
+  for split in _SPLITS:  # read back: TFDS stores examples in its own (shuffled) order
+    lengths = np.array([len(ex['tokens']) for ex in prepared.source(split)], np.int64)
+    np.save(os.path.join(building, f'lengths-{split}.npy'), lengths)
   report = {split: {**counts[split], 'skipped': skipped[split].to_dict()} for split in _SPLITS}
   report['tokenizer'] = {'vocab_size': tokenizer.vocab_size, 'fingerprint': tokenizer.fingerprint,
                          'bytes_per_token': counts['train']['bytes'] / max(1, counts['train']['tokens'])}

@@ -12,6 +12,8 @@ process yields are that process's share of the global batch. The iterator is
 a Grain DatasetIterator: its state is saved with every checkpoint.
 """
 
+import json
+
 import grain
 import jax
 import numpy as np
@@ -30,14 +32,38 @@ def _to_rows(packed: dict) -> dict:
   }
 
 
+class DocumentChunks:
+  """Random access to documents cut into pieces of at most `chunk_len` tokens.
+
+  Shuffling whole documents would fill a batch with consecutive rows of one
+  long file; shuffling chunks mixes many documents into every batch.
+  """
+
+  def __init__(self, documents, lengths: np.ndarray, chunk_len: int):
+    self._documents = documents
+    self._chunk_len = chunk_len
+    per_doc = -(-lengths // chunk_len)  # ceil
+    self._doc_of_chunk = np.repeat(np.arange(len(lengths)), per_doc)
+    self._first_chunk = np.concatenate([[0], np.cumsum(per_doc)[:-1]])
+
+  def __len__(self) -> int:
+    return len(self._doc_of_chunk)
+
+  def __getitem__(self, index: int) -> dict:
+    doc = int(self._doc_of_chunk[index])
+    start = (index - int(self._first_chunk[doc])) * self._chunk_len
+    return {'tokens': np.asarray(self._documents[doc]['tokens'][start:start + self._chunk_len])}
+
+
 def make_iterator(source, *, seq_len: int, local_batch_size: int, seed: int,
                   shuffle: bool, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.DatasetIterator:
+                  process_count: int | None = None) -> 'BatchIterator':
   """An endless iterator of local batches from a random-access `source`.
 
-  Documents are concatenated and split into rows of seq_len + 1 tokens
-  (concat-then-split packing: no padding, long documents continue on the next
-  row), then shifted into input/target pairs.
+  Elements (documents or DocumentChunks) are concatenated and split into rows
+  of seq_len + 1 tokens (concat-then-split packing: no padding; an element
+  that does not fit continues on the next row), then shifted into
+  input/target pairs.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -47,4 +73,39 @@ def make_iterator(source, *, seq_len: int, local_batch_size: int, seed: int,
   ds = ds.repeat(None).map(lambda example: {'tokens': example['tokens']})
   packed = grain.experimental.ConcatThenSplitIterDataset(
       ds.to_iter_dataset(), length_struct={'tokens': seq_len + 1})
-  return iter(packed.map(_to_rows).batch(local_batch_size, drop_remainder=True))
+  return BatchIterator(iter(packed.map(_to_rows).batch(local_batch_size, drop_remainder=True)))
+
+
+class BatchIterator:
+  """The pipeline's iterator; `grain.checkpoint.CheckpointSave` stores its state.
+
+  It serialises its state itself because a plain JSON round trip turns the
+  packer's (start, stop) tuples into lists, and ConcatThenSplit (grain 0.2.18)
+  then resumes at the wrong place.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._iterator = iterator
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._iterator)
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._iterator.get_state(), indent=1).encode()
+
+  def set_state(self, state: str | bytes) -> None:
+    self._iterator.set_state(_with_slice_tuples(json.loads(state)))
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore."""
+    self._iterator.start_prefetch()
+
+
+def _with_slice_tuples(state):
+  if isinstance(state, dict):
+    return {k: ({f: tuple(v) for f, v in s.items()} if k == 'remainder_slices' else _with_slice_tuples(s))
+            for k, s in state.items()}
+  return state

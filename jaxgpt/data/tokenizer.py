@@ -87,7 +87,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
   except RuntimeError as e:
     if 'Vocabulary size' in str(e):
       raise JaxgptError(
-          f'the training text is too small for data.vocab_size={vocab_size} ({e}). '
-          'Lower data.vocab_size or add more text.') from None
+          f'SentencePiece cannot build a {vocab_size}-piece vocabulary from this text ({e}). '
+          'Change data.vocab_size as that message says, or add more text.') from None
     raise
   return Tokenizer(model.getvalue())

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny config on a small slice of the standard library's source.
+
+Tests that need several (fake) devices or several processes run in a
+subprocess, because XLA_FLAGS must be set before jax initialises.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import quickstart  # noqa: E402
+
+# Small enough to train a step in well under a second on 2 CPU cores.
+TINY_OVERRIDES = {
+    'seq_len': 64,
+    'batch_size': 8,
+    'data.max_docs': 80,
+    'data.vocab_size': 512,
+    'model.num_layers': 2,
+    'model.num_heads': 2,
+    'model.embed_dim': 64,
+    'model.mlp_dim': 256,
+    'model.max_len': 64,
+    'optim.warmup_steps': 5,
+    'train.num_steps': 20,
+    'train.log_every': 5,
+    'train.eval_every': 10,
+    'train.eval_batches': 2,
+    'train.checkpoint_every': 10,
+    'train.peak_flops_per_device': 1e11,  # skip the matmul measurement in tests
+    'sample.max_new_tokens': 8,
+}
+
+
+def apply_overrides(config, overrides: dict):
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split('.')
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def override_args(overrides: dict) -> list[str]:
+  return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+@pytest.fixture(scope='session')
+def data_cache(tmp_path_factory):
+  """One data cache for the whole session: the tokenizer and dataset are built once."""
+  return str(tmp_path_factory.mktemp('data_cache'))
+
+
+@pytest.fixture
+def tiny_config(data_cache):
+  config = apply_overrides(quickstart.get_config(), TINY_OVERRIDES)
+  config.data.cache_dir = data_cache
+  return config
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300):
+  """Runs `python -m module args` and returns the CompletedProcess (never raises on failure)."""
+  full_env = {**os.environ, **(env or {})}
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,111 @@
+"""The real command lines, end to end, in subprocesses."""
+
+import json
+import os
+
+import pytest
+
+from conftest import REPO, TINY_OVERRIDES, override_args, run_module
+
+
+def _train(workdir, data_cache, *extra, env=None):
+  return run_module('jaxgpt.train', '--config', 'configs/quickstart.py', '--workdir', str(workdir),
+                    *override_args(TINY_OVERRIDES), f'--config.data.cache_dir={data_cache}', *extra, env=env)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A 10-step run, then the same command resumed to 20 steps."""
+  root = tmp_path_factory.mktemp('cli')
+  workdir, cache = root / 'run', root / 'cache'
+  first = _train(workdir, cache, '--config.train.num_steps=10')
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = _train(workdir, cache)
+  assert second.returncode == 0, second.stderr[-3000:]
+  return workdir, cache, first, second
+
+
+def test_train_runs_end_to_end_and_reports_validation(trained):
+  workdir, _, first, _ = trained
+  out = first.stdout
+  assert 'data: trained a 512-piece BPE tokenizer' in out
+  assert 'step 10/10 | loss' in out and 'tok/s | MFU' in out
+  assert 'step 10: validation loss' in out and 'perplexity' in out
+  assert '--- sample, prompt' in out
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
+  assert os.listdir(workdir / 'tensorboard')
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['step'] == 20 and 2.0 < results['loss'] < 7.0  # below log(512)=6.24 at random
+
+
+def test_second_run_resumes_from_the_checkpoint(trained):
+  _, _, _, second = trained
+  out = second.stdout
+  assert 'data: reusing' in out
+  assert 'resumed from step 10' in out
+  assert 'step 11: compiled' in out and 'step 20/20 | loss' in out
+  assert 'step 5/' not in out
+
+
+def test_sample_command_continues_a_prompt(trained):
+  workdir, _, _, _ = trained
+  result = run_module('jaxgpt.sample', '--workdir', str(workdir), '--prompt', 'def main(',
+                      '--max_new_tokens', '12', '--temperature', '0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '# step 20 of' in result.stdout
+  assert "--- prompt: 'def main('" in result.stdout
+  continuation = result.stdout.split("--- prompt: 'def main('\n", 1)[1]
+  assert continuation.startswith('def main(') and len(continuation.strip()) > len('def main(')
+
+
+def test_resuming_with_another_model_shape_is_refused(trained):
+  workdir, cache, _, _ = trained
+  result = _train(workdir, cache, '--config.model.num_layers=3', '--config.train.num_steps=30')
+  assert result.returncode == 2
+  assert 'different model shape (num_layers: checkpoint 2, config 3)' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_resuming_with_another_tokenizer_is_refused(trained):
+  workdir, cache, _, _ = trained
+  result = _train(workdir, cache, '--config.data.vocab_size=600', '--config.train.num_steps=30')
+  assert result.returncode == 2
+  assert 'different tokenizer' in result.stderr and 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config', 'configs/nope.py', '--workdir', '/tmp/x'], "config file 'configs/nope.py' does not exist"),
+    (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.model.depth=3'],
+     'unknown config field in --config.model.depth=3'),
+    (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.model.num_layers=many'],
+     '--config.model.num_layers=many'),
+    (['--config', 'configs/quickstart.py'], '--workdir is required'),
+    (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.model.num_heads=3'],
+     'model.embed_dim=256 is not divisible by model.num_heads=3'),
+    (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.mesh.data=3'],
+     'mesh (data=3, fsdp=1, tensor=1) needs 3 devices but 1 are available'),
+    (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.data.source=dir',
+      '--config.data.path=/nonexistent/texts'], "data.path='/nonexistent/texts' is not a directory"),
+])
+def test_bad_input_is_one_clear_error(args, message):
+  result = run_module('jaxgpt.train', *args)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+
+
+def test_empty_data_directory_is_one_clear_error(tmp_path):
+  (tmp_path / 'texts').mkdir()
+  (tmp_path / 'texts' / 'a.txt').write_text('   \n')
+  (tmp_path / 'texts' / 'b.txt').write_bytes(b'\xff\xfe\x00bad')
+  result = run_module('jaxgpt.train', '--config', 'configs/quickstart.py', '--workdir', str(tmp_path / 'run'),
+                      '--config.data.source=dir', f'--config.data.path={tmp_path / "texts"}',
+                      f'--config.data.cache_dir={tmp_path / "cache"}')
+  assert result.returncode == 2
+  assert 'no usable text' in result.stderr and 'not valid UTF-8' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_sample_on_a_directory_that_is_not_a_run(tmp_path):
+  result = run_module('jaxgpt.sample', '--workdir', str(tmp_path))
+  assert result.returncode == 2 and 'is not a jaxgpt run directory' in result.stderr

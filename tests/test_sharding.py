@@ -1,0 +1,51 @@
+"""Sharded training equals one device: 8 fake CPU devices in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxgpt import sharding
+from jaxgpt.config import JaxgptError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope='module')
+def runs():
+  result = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_losses.py')],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('mesh', ['data8', 'fsdp8', 'fsdp4_tensor2', 'data2_fsdp2_tensor2'])
+def test_sharded_training_matches_one_device(runs, mesh):
+  np.testing.assert_allclose(runs[mesh]['losses'], runs['single']['losses'], rtol=1e-5)
+  np.testing.assert_allclose(runs[mesh]['params'], runs['single']['params'], rtol=1e-5, atol=1e-4)
+
+
+def test_fsdp_and_tensor_parallelism_really_split_the_parameters(runs):
+  # query kernel: [layers, embed, heads, head_dim]; embed goes to fsdp, heads to tensor.
+  assert runs['single']['query_shard_shape'] == [2, 64, 4, 16]
+  assert runs['data8']['query_shard_shape'] == [2, 64, 4, 16]
+  assert runs['fsdp8']['query_shard_shape'] == [2, 8, 4, 16]
+  assert runs['fsdp4_tensor2']['query_shard_shape'] == [2, 16, 2, 16]
+  assert runs['fsdp4_tensor2']['adam_mu_shard_shape'] == [2, 16, 2, 16]  # optimizer state too
+
+
+@pytest.mark.parametrize('mesh,devices,message', [
+    ({'data': 3, 'fsdp': 1, 'tensor': 1}, 8, 'needs 3 devices but 8 are available'),
+    ({'data': -1, 'fsdp': 3, 'tensor': 1}, 8, 'does not divide the 8 devices'),
+    ({'data': -1, 'fsdp': -1, 'tensor': 1}, 8, 'at most one -1'),
+])
+def test_bad_mesh_shapes_are_clear_errors(mesh, devices, message):
+  with pytest.raises(JaxgptError, match=message):
+    sharding.mesh_shape(mesh, devices)
+
+
+def test_mesh_fills_the_minus_one_axis():
+  assert sharding.mesh_shape({'data': -1, 'fsdp': 2, 'tensor': 2}, 8) == (2, 2, 2)

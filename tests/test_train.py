@@ -1,0 +1,93 @@
+"""The train step, optimizer and checkpoints, in-process on one CPU device."""
+
+import jax
+import numpy as np
+
+from jaxgpt import sharding, state as state_lib
+from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.data import builder, pipeline
+from jaxgpt.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+from jaxgpt.train import make_train_step
+
+
+def _setup(config, accum=1):
+  config.optim.grad_accum_steps = accum
+  data = builder.prepare(config.data, log=lambda m: None)
+  mesh = sharding.make_mesh(config.mesh)
+  model = state_lib.build_model(config, data.tokenizer.vocab_size)
+  tx = make_optimizer(config.optim, config.train.num_steps)
+  state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(0))
+  step = jax.jit(make_train_step(model, tx, learning_rate_schedule(config.optim, config.train.num_steps), accum))
+  batches = pipeline.make_iterator(data.chunks('train', config.seq_len + 1), seq_len=config.seq_len, seed=0, shuffle=True,
+                                   local_batch_size=config.batch_size)
+  return data, mesh, model, tx, state, step, batches
+
+
+def test_a_tiny_model_overfits_one_batch(tiny_config):
+  tiny_config.optim.lr, tiny_config.optim.warmup_steps, tiny_config.optim.weight_decay = 1e-2, 1, 0.0
+  tiny_config.train.num_steps = 150
+  _, _, _, _, state, step, batches = _setup(tiny_config)
+  batch = next(batches)
+  rng = jax.random.key(1)
+  losses = []
+  for _ in range(150):
+    state, metrics = step(state, batch, rng)
+    losses.append(float(metrics['loss']))
+  assert losses[0] > 5.0  # about log(vocab) at the start
+  assert losses[-1] < 0.5, losses[-10:]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_config):
+  results = []
+  for accum in (1, 4):
+    _, _, _, _, state, step, batches = _setup(tiny_config, accum)
+    batch = next(batches)
+    state, metrics = step(state, batch, jax.random.key(1))
+    results.append((float(metrics['loss']), float(metrics['grad_norm']), state.params))
+  (loss1, norm1, params1), (loss4, norm4, params4) = results
+  np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
+  np.testing.assert_allclose(norm1, norm4, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params4)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings(tiny_config):
+  data, _, _, _, state, _, _ = _setup(tiny_config)
+  mask = weight_decay_mask(state.params, decay_embeddings=False)
+  assert mask['blocks']['query'] and mask['blocks']['mlp_up']
+  assert not mask['blocks']['query_bias'] and not mask['blocks']['ln_attn']['scale']
+  assert not mask['token_embedding'] and not mask['ln_final']['bias']
+  assert weight_decay_mask(state.params, decay_embeddings=True)['token_embedding']
+
+
+def test_schedule_warms_up_then_decays_to_the_floor(tiny_config):
+  cfg = tiny_config.optim
+  schedule = learning_rate_schedule(cfg, 100)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(cfg.warmup_steps)), cfg.lr, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(100)), cfg.lr * cfg.min_lr_ratio, rtol=1e-6)
+
+
+def test_checkpoint_round_trip_restores_state_and_data_position(tiny_config, tmp_path):
+  data, mesh, model, tx, state, step, batches = _setup(tiny_config)
+  rng = jax.random.key(1)
+  for _ in range(3):
+    state, _ = step(state, next(batches), rng)
+  checkpointer = Checkpointer(str(tmp_path), keep=2)
+  meta = state_lib.checkpoint_meta(tiny_config, data.tokenizer)
+  checkpointer.save(3, state, batches, meta)
+  checkpointer.wait()
+  expected_batch = next(batches)
+
+  fresh_batches = pipeline.make_iterator(data.chunks('train', tiny_config.seq_len + 1), seq_len=tiny_config.seq_len, seed=0,
+                                         shuffle=True, local_batch_size=tiny_config.batch_size)
+  abstract = state_lib.abstract_state(model, tx, tiny_config.seq_len, mesh)
+  restored = Checkpointer(str(tmp_path), keep=2).restore(3, abstract, fresh_batches)
+  assert int(restored.step) == 3
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state.opt_state)
+  got_batch = next(fresh_batches)
+  for key in expected_batch:
+    np.testing.assert_array_equal(got_batch[key], expected_batch[key])
+  assert checkpointer.read_meta(3)['tokenizer_fingerprint'] == data.tokenizer.fingerprint
