@@ -50,12 +50,12 @@ def test_second_run_resumes_from_the_checkpoint(trained):
 def test_sample_command_continues_a_prompt(trained):
   workdir, _, _, _ = trained
   result = run_module('jaxgpt.sample', '--workdir', str(workdir), '--prompt', 'def main(',
-                      '--max_new_tokens', '12', '--temperature', '0')
+                      '--prompt', 'import', '--max_new_tokens', '12', '--temperature', '0')
   assert result.returncode == 0, result.stderr[-3000:]
   assert '# step 20 of' in result.stdout
-  assert "--- prompt: 'def main('" in result.stdout
-  continuation = result.stdout.split("--- prompt: 'def main('\n", 1)[1]
-  assert continuation.startswith('def main(') and len(continuation.strip()) > len('def main(')
+  first, second = result.stdout.split("--- prompt: 'def main('\n", 1)[1].split("--- prompt: 'import'\n")
+  assert first.startswith('def main(') and len(first.rstrip('\n')) >= len('def main(')
+  assert len(first) > len('def main(\n') and second.startswith('import')
 
 
 def test_resuming_with_another_model_shape_is_refused(trained):
