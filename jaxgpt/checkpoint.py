@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 from jaxgpt.config import JaxgptError
 
 # The fields whose change makes an old checkpoint unusable for the new config.
-SHAPE_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len')
+SHAPE_FIELDS = ('num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len',
+                'position', 'norm', 'mlp', 'use_bias', 'tie_embeddings')
 
 
 class Checkpointer:

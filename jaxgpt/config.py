@@ -40,9 +40,17 @@ def base_config() -> ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
   c.model.num_heads = 4
+  c.model.num_kv_heads = 0  # 0 = num_heads; fewer gives grouped-query attention
   c.model.embed_dim = 256
   c.model.mlp_dim = 1024
   c.model.max_len = 128
+  # GPT-2 by default; 'rope' + 'rmsnorm' + 'swiglu' + no bias + untied output is Llama-style.
+  c.model.position = 'learned'  # 'learned' or 'rope'
+  c.model.rope_theta = 10000.0
+  c.model.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'
+  c.model.mlp = 'gelu'  # 'gelu' or 'swiglu'
+  c.model.use_bias = True
+  c.model.tie_embeddings = True  # output projection = token embedding transposed
   c.model.dropout_rate = 0.0
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.scan_layers = True  # compile time independent of depth
@@ -157,8 +165,14 @@ def validate(config: ConfigDict) -> None:
     problems.append(f"data.on_bad_utf8={d.on_bad_utf8!r} is not 'skip' or 'error'")
   if not 0 < d.val_fraction < 1:
     problems.append(f'data.val_fraction={d.val_fraction} must be between 0 and 1')
-  if m.remat not in ('none', 'full', 'dots'):
-    problems.append(f"model.remat={m.remat!r} is not one of 'none', 'full', 'dots'")
+  for field, allowed in (('remat', ('none', 'full', 'dots')), ('position', ('learned', 'rope')),
+                         ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu'))):
+    if m[field] not in allowed:
+      problems.append(f'model.{field}={m[field]!r} is not one of {", ".join(map(repr, allowed))}')
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    problems.append(f'model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}')
+  if m.position == 'rope' and (m.embed_dim // m.num_heads) % 2:
+    problems.append(f'RoPE needs an even head dimension; embed_dim/num_heads = {m.embed_dim // m.num_heads}')
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_batches'):
     if t[name] <= 0:
       problems.append(f'train.{name}={t[name]} must be positive')

@@ -1,16 +1,21 @@
-"""The GPT model: GPT-2 architecture in Flax Linen, pure arrays in, logits out.
+"""The GPT model in Flax Linen: pure arrays in, logits out.
 
-Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv',
-'mlp', 'layers'), and activations are constrained with logical names too
-('act_batch', ...). Which mesh axis each name lands on is decided by the rules
-in `jaxgpt.sharding`, never here, so this module imports no training code.
+The default is the GPT-2 architecture (learned positions, LayerNorm, GELU MLP,
+biases, tied output embedding). Config switches give the modern options —
+RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied output —
+which together make a Llama-style model.
 
-Shape suffixes in names: B batch, T sequence, D embed, H heads, K head dim,
-M mlp hidden, V vocab, N = B*T flattened tokens.
+Every parameter carries logical axis names ('vocab', 'embed', 'heads',
+'kv_heads', 'kv', 'mlp', 'layers'), and activations are constrained with
+logical names too ('act_batch', ...). Which mesh axis each name lands on is
+decided by the rules in `jaxgpt.sharding`, never here, so this module imports
+no training code.
+
+Shape suffixes in names: B batch, T sequence, D embed, H query heads, G kv
+heads, K head dim, M mlp hidden, V vocab, N = B*T flattened tokens.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +28,15 @@ class ModelConfig:
   max_len: int = 1024
   num_layers: int = 12
   num_heads: int = 12
+  num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query attention
   embed_dim: int = 768
   mlp_dim: int = 3072
+  position: str = 'learned'  # 'learned' (GPT-2) | 'rope'
+  rope_theta: float = 10000.0
+  norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
+  mlp: str = 'gelu'  # 'gelu' | 'swiglu'
+  use_bias: bool = True
+  tie_embeddings: bool = True
   dropout_rate: float = 0.0
   dtype: str = 'float32'  # compute dtype; parameters are always float32
   scan_layers: bool = True
@@ -34,36 +46,36 @@ class ModelConfig:
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
 
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> 'ModelConfig':
     fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size'}
-    return cls(vocab_size=vocab_size, **{k: model_cfg[k] for k in fields})
+    return cls(vocab_size=vocab_size, **{k: model_cfg[k] for k in fields if k in model_cfg})
 
 
-def _init(stddev: float, names: tuple):
+def _normal(stddev: float, names: tuple):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
-def _ones(names: tuple):
-  return nn.with_logical_partitioning(nn.initializers.ones, names)
-
-
-def _zeros(names: tuple):
-  return nn.with_logical_partitioning(nn.initializers.zeros, names)
-
-
-class LayerNorm(nn.Module):
+class Norm(nn.Module):
+  """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32."""
+  kind: str = 'layernorm'
   epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    scale = self.param('scale', _ones(('embed',)), (d,))
-    bias = self.param('bias', _zeros(('embed',)), (d,))
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)), (d,))
+    if self.kind == 'rmsnorm':
+      y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon) * scale
+    else:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)), (d,))
+      centered = x32 - x32.mean(-1, keepdims=True)
+      y = centered * jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + self.epsilon) * scale + bias
     return y.astype(x.dtype)
 
 
@@ -79,53 +91,72 @@ def attention_mask(segment_ids_BxT):
   return (causal_TxT[None] & same_doc_BxTxT)[:, None]  # B x 1 x T x T
 
 
+def rotary(x_BxTxHxK, positions_BxT, theta: float):
+  """Rotary position embedding (RoPE), rotating pairs (i, i + K/2) of each head."""
+  K = x_BxTxHxK.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+  angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angles_BxTxK2)[:, :, None], jnp.cos(angles_BxTxK2)[:, :, None]
+  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
+
+
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1xTxT):
+  def __call__(self, x_BxTxD, mask_Bx1xTxT, positions_BxT):
     """Returns (x, None): the (carry, output) pair that nn.scan expects."""
-    cfg, deterministic = self.cfg, self.deterministic
+    cfg = self.cfg
     B, T, D = x_BxTxD.shape
-    H, K, M = cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    H, G, K, M = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim
     dtype = jnp.dtype(cfg.dtype)
     # GPT-2 scales the init of the projections that write into the residual
     # stream by 1/sqrt(2 * layers) so the stream's variance does not grow with depth.
     resid_std = 0.02 / (2 * cfg.num_layers) ** 0.5
 
     def weight(name, shape, names, std=0.02):
-      return self.param(name, _init(std, names), shape).astype(dtype)
+      return self.param(name, _normal(std, names), shape).astype(dtype)
 
     def bias(name, shape, names):
-      return self.param(name, _zeros(names), shape).astype(dtype)
+      if not cfg.use_bias:
+        return jnp.zeros((), dtype)
+      return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, names), shape).astype(dtype)
+
+    def dropout(y):
+      return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
 
     # Dense layers run on 2-D [N, D] activations: XLA:CPU's backward pass is
-    # about 2x faster that way than on [B, T, D] (docs/performance.md).
-    h_NxD = LayerNorm(name='ln_attn')(x_BxTxD).reshape(B * T, D)
+    # about 2x faster that way than on [B, T, D] (docs/design.md).
+    h_NxD = Norm(cfg.norm, name='ln_attn')(x_BxTxD).reshape(B * T, D)
     qkv = []
-    for name in ('query', 'key', 'value'):
-      w_DxHxK = weight(name, (D, H, K), ('embed', 'heads', 'kv'))
-      b_HxK = bias(f'{name}_bias', (H, K), ('heads', 'kv'))
-      y_NxHxK = jnp.einsum('nd,dhk->nhk', h_NxD, w_DxHxK) + b_HxK
-      y_BxTxHxK = nn.with_logical_constraint(
-          y_NxHxK.reshape(B, T, H, K), ('act_batch', 'act_length', 'act_heads', 'act_kv'))
-      qkv.append(y_BxTxHxK)
+    for name, heads, head_axis in (('query', H, 'heads'), ('key', G, 'kv_heads'), ('value', G, 'kv_heads')):
+      w_DxHxK = weight(name, (D, heads, K), ('embed', head_axis, 'kv'))
+      y_NxHxK = jnp.einsum('nd,dhk->nhk', h_NxD, w_DxHxK) + bias(f'{name}_bias', (heads, K), (head_axis, 'kv'))
+      y_BxTxHxK = y_NxHxK.reshape(B, T, heads, K)
+      if cfg.position == 'rope' and name != 'value':
+        y_BxTxHxK = rotary(y_BxTxHxK, positions_BxT, cfg.rope_theta)
+      qkv.append(nn.with_logical_constraint(y_BxTxHxK, ('act_batch', 'act_length', 'act_heads', 'act_kv')))
+    # Grouped-query attention: dot_product_attention shares each kv head across H // G query heads.
     attn_BxTxHxK = jax.nn.dot_product_attention(*qkv, mask=mask_Bx1xTxT)
     w_HxKxD = weight('out', (H, K, D), ('heads', 'kv', 'embed'), resid_std)
     attn_NxD = jnp.einsum('nhk,hkd->nd', attn_BxTxHxK.reshape(B * T, H, K), w_HxKxD)
-    attn_NxD += bias('out_bias', (D,), ('embed',))
-    attn_NxD = nn.Dropout(cfg.dropout_rate)(attn_NxD, deterministic=deterministic)
+    attn_NxD = dropout(attn_NxD + bias('out_bias', (D,), ('embed',)))
     x_BxTxD = x_BxTxD + attn_NxD.reshape(B, T, D)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed'))
 
-    h_NxD = LayerNorm(name='ln_mlp')(x_BxTxD).reshape(B * T, D)
+    h_NxD = Norm(cfg.norm, name='ln_mlp')(x_BxTxD).reshape(B * T, D)
     up_NxM = h_NxD @ weight('mlp_up', (D, M), ('embed', 'mlp')) + bias('mlp_up_bias', (M,), ('mlp',))
-    up_NxM = nn.with_logical_constraint(nn.gelu(up_NxM), ('act_tokens', 'act_mlp'))
-    down_NxD = up_NxM @ weight('mlp_down', (M, D), ('mlp', 'embed'), resid_std)
-    down_NxD += bias('mlp_down_bias', (D,), ('embed',))
-    down_NxD = nn.Dropout(cfg.dropout_rate)(down_NxD, deterministic=deterministic)
+    if cfg.mlp == 'swiglu':
+      gate_NxM = h_NxD @ weight('mlp_gate', (D, M), ('embed', 'mlp')) + bias('mlp_gate_bias', (M,), ('mlp',))
+      hidden_NxM = nn.silu(gate_NxM) * up_NxM
+    else:
+      hidden_NxM = nn.gelu(up_NxM)
+    hidden_NxM = nn.with_logical_constraint(hidden_NxM, ('act_tokens', 'act_mlp'))
+    down_NxD = hidden_NxM @ weight('mlp_down', (M, D), ('mlp', 'embed'), resid_std)
+    down_NxD = dropout(down_NxD + bias('mlp_down_bias', (D,), ('embed',)))
     x_BxTxD = x_BxTxD + down_NxD.reshape(B, T, D)
     return nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed')), None
 
@@ -154,14 +185,13 @@ class GPT(nn.Module):
       segment_ids_BxT = jnp.ones((B, T), jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    dtype = jnp.dtype(cfg.dtype)
 
-    wte_VxD = self.param('token_embedding', _init(0.02, ('vocab', 'embed')),
-                         (cfg.vocab_size, cfg.embed_dim))
-    wpe_TxD = self.param('position_embedding', _init(0.01, ('length', 'embed')),
-                         (cfg.max_len, cfg.embed_dim))
-    x_BxTxD = (wte_VxD[tokens_BxT] + wpe_TxD[positions_BxT]).astype(dtype)
-    x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
+    wte_VxD = self.param('token_embedding', _normal(0.02, ('vocab', 'embed')), (cfg.vocab_size, cfg.embed_dim))
+    x_BxTxD = wte_VxD[tokens_BxT]
+    if cfg.position == 'learned':
+      wpe_TxD = self.param('position_embedding', _normal(0.01, ('length', 'embed')), (cfg.max_len, cfg.embed_dim))
+      x_BxTxD = x_BxTxD + wpe_TxD[positions_BxT]
+    x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD.astype(cfg.dtype), deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed'))
     mask_Bx1xTxT = attention_mask(segment_ids_BxT)
 
@@ -171,16 +201,19 @@ class GPT(nn.Module):
     if cfg.scan_layers:
       # One compiled block, applied num_layers times: compile time does not grow with depth.
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=nn.broadcast, length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, _ = stack(cfg, deterministic, name='blocks')(x_BxTxD, mask_Bx1xTxT)
+      x_BxTxD, _ = stack(cfg, deterministic, name='blocks')(x_BxTxD, mask_Bx1xTxT, positions_BxT)
     else:
       for i in range(cfg.num_layers):
-        x_BxTxD, _ = block(cfg, deterministic, name=f'block_{i}')(x_BxTxD, mask_Bx1xTxT)
+        x_BxTxD, _ = block(cfg, deterministic, name=f'block_{i}')(x_BxTxD, mask_Bx1xTxT, positions_BxT)
 
-    x_BxTxD = LayerNorm(name='ln_final')(x_BxTxD)
-    # Tied output embedding, as in GPT-2. Logits in float32 so the softmax is stable in bf16 runs.
-    logits_NxV = x_BxTxD.reshape(B * T, -1).astype(jnp.float32) @ wte_VxD.T
+    x_NxD = Norm(cfg.norm, name='ln_final')(x_BxTxD).reshape(B * T, -1).astype(jnp.float32)
+    if cfg.tie_embeddings:  # GPT-2 reuses the input embedding as the output projection
+      logits_NxV = x_NxD @ wte_VxD.T
+    else:
+      logits_NxV = x_NxD @ self.param('output', _normal(0.02, ('embed', 'vocab')), (cfg.embed_dim, cfg.vocab_size))
+    # Logits in float32 so the softmax is stable in bf16 runs.
     logits_BxTxV = logits_NxV.reshape(B, T, cfg.vocab_size)
     return nn.with_logical_constraint(logits_BxTxV, ('act_batch', 'act_length', 'act_vocab'))
 
@@ -195,6 +228,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   Counts every matmul: 6 per weight in the blocks and the output projection,
   plus attention scores and their weighted sum (12 * layers * T * D).
   """
-  D, M, L = cfg.embed_dim, cfg.mlp_dim, cfg.num_layers
-  matmul_params = L * (4 * D * D + 2 * D * M) + cfg.vocab_size * D
+  D, M, L, K = cfg.embed_dim, cfg.mlp_dim, cfg.num_layers, cfg.head_dim
+  attention_weights = D * K * (2 * cfg.num_heads + 2 * cfg.kv_heads)  # q, out, k, v
+  mlp_weights = (3 if cfg.mlp == 'swiglu' else 2) * D * M
+  matmul_params = L * (attention_weights + mlp_weights) + cfg.vocab_size * D
   return 6 * matmul_params + 12 * L * seq_len * D

@@ -34,6 +34,7 @@ LOGICAL_RULES = (
     ('vocab', 'tensor'),
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
     ('kv', None),
     ('mlp', 'tensor'),
     ('length', None),
@@ -101,10 +102,12 @@ def check_divisibility(config, mesh: Mesh) -> None:
   if config.batch_size % jax.process_count():
     raise JaxgptError(f'batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes.')
   tp = mesh.shape['tensor']
-  if config.model.num_heads % tp or config.model.mlp_dim % tp:
+  m = config.model
+  kv_heads = m.num_kv_heads or m.num_heads
+  if m.num_heads % tp or kv_heads % tp or m.mlp_dim % tp:
     raise JaxgptError(
-        f'mesh.tensor={tp} must divide model.num_heads={config.model.num_heads} '
-        f'and model.mlp_dim={config.model.mlp_dim}.')
+        f'mesh.tensor={tp} must divide model.num_heads={m.num_heads}, the kv heads ({kv_heads}) '
+        f'and model.mlp_dim={m.mlp_dim}: tensor parallelism splits heads and MLP units.')
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

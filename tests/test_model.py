@@ -1,12 +1,26 @@
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxgpt.model import GPT, ModelConfig, flops_per_token, num_params
 
 CFG = ModelConfig(vocab_size=97, max_len=32, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
+LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False, tie_embeddings=False, num_kv_heads=2)
+VARIANTS = {
+    'gpt2': CFG,
+    'rope': dataclasses.replace(CFG, position='rope'),
+    'rmsnorm': dataclasses.replace(CFG, norm='rmsnorm'),
+    'swiglu': dataclasses.replace(CFG, mlp='swiglu'),
+    'gqa': dataclasses.replace(CFG, num_kv_heads=2),
+    'mqa_no_bias_untied': dataclasses.replace(CFG, num_kv_heads=1, use_bias=False, tie_embeddings=False),
+    'llama': dataclasses.replace(CFG, **LLAMA),
+}
+variants = pytest.mark.parametrize('cfg', VARIANTS.values(), ids=VARIANTS.keys())
 
 
 def _init(cfg=CFG, T=16):
@@ -15,8 +29,9 @@ def _init(cfg=CFG, T=16):
   return model, params
 
 
-def test_changing_a_later_token_never_changes_earlier_logits():
-  model, params = _init()
+@variants
+def test_changing_a_later_token_never_changes_earlier_logits(cfg):
+  model, params = _init(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
   changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % CFG.vocab_size)
   a, b = model.apply({'params': params}, tokens), model.apply({'params': params}, changed)
@@ -24,9 +39,10 @@ def test_changing_a_later_token_never_changes_earlier_logits():
   assert np.abs(np.asarray(a[:, 10:] - b[:, 10:])).max() > 1e-3  # and later logits do change
 
 
-def test_packed_documents_do_not_see_each_other():
+@variants
+def test_packed_documents_do_not_see_each_other(cfg):
   """A document's logits are the same alone or packed after another document."""
-  model, params = _init()
+  model, params = _init(cfg)
   doc_a = jax.random.randint(jax.random.key(2), (1, 6), 0, CFG.vocab_size)
   doc_b = jax.random.randint(jax.random.key(3), (1, 10), 0, CFG.vocab_size)
   packed = jnp.concatenate([doc_a, doc_b], axis=1)
@@ -39,24 +55,58 @@ def test_packed_documents_do_not_see_each_other():
   np.testing.assert_allclose(packed_logits[:, :6], alone_a, atol=1e-5)
 
 
-@pytest.mark.parametrize('scan_layers,remat', [(False, 'none'), (True, 'full'), (True, 'dots')])
-def test_scan_and_remat_compute_the_same_function(scan_layers, remat):
-  model, params = _init()
-  variant = GPT(ModelConfig(**{**CFG.__dict__, 'scan_layers': scan_layers, 'remat': remat}))
+@pytest.mark.parametrize('scan_layers,remat', [(False, 'none'), (True, 'full'), (True, 'dots'), (False, 'full')])
+@pytest.mark.parametrize('cfg', [CFG, VARIANTS['llama']], ids=['gpt2', 'llama'])
+def test_scan_and_remat_give_the_same_loss_and_gradients(cfg, scan_layers, remat):
+  model, params = _init(cfg)
+  variant = GPT(dataclasses.replace(cfg, scan_layers=scan_layers, remat=remat))
+  variant_params = params
   if not scan_layers:  # unstack the scanned layer axis into block_0, block_1
-    blocks = params['blocks']
-    params = {k: v for k, v in params.items() if k != 'blocks'}
-    for i in range(CFG.num_layers):
-      params[f'block_{i}'] = jax.tree.map(lambda x: x[i], blocks)
-  tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, CFG.vocab_size)
-  reference = GPT(CFG).apply({'params': _init()[1]}, tokens)
-  np.testing.assert_allclose(variant.apply({'params': params}, tokens), reference, atol=1e-5)
-  grad = jax.grad(lambda p: variant.apply({'params': p}, tokens).mean())(params)
-  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grad))
+    variant_params = {k: v for k, v in params.items() if k != 'blocks'}
+    for i in range(cfg.num_layers):
+      variant_params[f'block_{i}'] = jax.tree.map(lambda x: x[i], params['blocks'])
+  tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, cfg.vocab_size)
+
+  def loss(m, p):
+    logits = m.apply({'params': p}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  np.testing.assert_allclose(loss(variant, variant_params), loss(model, params), rtol=1e-6)
+  grads = jax.grad(lambda p: loss(variant, p))(variant_params)
+  reference = jax.grad(lambda p: loss(model, p))(params)
+  if not scan_layers:
+    per_layer = [grads.pop(f'block_{i}') for i in range(cfg.num_layers)]
+    grads['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_every_parameter_has_logical_axis_names():
-  model = GPT(CFG)
+@variants
+def test_every_architecture_option_trains(cfg):
+  model, params = _init(cfg)
+  tokens = jax.random.randint(jax.random.key(5), (4, 17), 0, cfg.vocab_size)
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    def loss(p):
+      logits = model.apply({'params': p}, tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  losses = []
+  for _ in range(30):
+    params, opt_state, value = step(params, opt_state)
+    losses.append(float(value))
+  assert losses[0] > 4.0 and losses[-1] < 0.5 * losses[0], losses
+
+
+@variants
+def test_every_parameter_has_logical_axis_names(cfg):
+  model = GPT(cfg)
   boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
@@ -71,3 +121,11 @@ def test_parameter_count_and_flops_match_gpt2_small():
   assert num_params(shapes) == 124_439_808
   # 6N for the matmul weights plus attention: about 0.85 GFLOPs per token at T=1024.
   assert 0.8e9 < flops_per_token(cfg, 1024) < 0.9e9
+
+
+def test_llama_style_parameter_count():
+  cfg = ModelConfig(vocab_size=1000, max_len=64, num_layers=2, num_heads=8, embed_dim=64, mlp_dim=96, **LLAMA)
+  shapes = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
+  D, M, G, K = 64, 96, 2, 8
+  per_layer = D * D * 2 + 2 * D * G * K + 3 * D * M + 2 * D  # q, out, k, v, gate/up/down, two norms
+  assert num_params(shapes) == 2 * per_layer + 2 * 1000 * D + D  # untied in/out embeddings, final norm
