@@ -25,17 +25,66 @@ def base_config() -> ConfigDict:
   c.seq_len = 128
   c.batch_size = 16  # global, across all devices and hosts
 
+  # Data preparation (python -m jaxgpt.prepare, or the first training run); docs/data.md.
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'stdlib'  # 'stdlib' (the running Python's .py files), 'dir', or 'jsonl'
-  c.data.path = ''  # a directory for 'dir', a .jsonl file for 'jsonl'
-  c.data.glob = '**/*.txt'  # files taken from data.path when source='dir'
-  c.data.text_field = 'text'  # the JSONL field holding each document
+  c.data.source = 'stdlib'  # 'stdlib' (the running Python's .py files), 'dir', 'jsonl' or 'tfds'
+  c.data.path = ''  # a directory for 'dir', a .jsonl file for 'jsonl', the TFDS data_dir for 'tfds' ('' = default)
+  c.data.glob = '**/*.txt'  # files taken from data.path when source='dir'; several: comma-separated
+  c.data.exclude = ''  # comma-separated globs (relative to data.path) of files to leave out, e.g. 'build/**'
+  c.data.text_field = 'text'  # the JSONL field (or TFDS feature) holding each document
+  # Instruction data in JSONL: set both fields; each document is instruction_format filled with them.
+  c.data.instruction_field = ''
+  c.data.response_field = ''
+  c.data.instruction_format = '<|user|>\n{instruction}\n<|assistant|>\n{response}'
+  c.data.tfds_name = ''  # source='tfds': a dataset prepared as array_record, e.g. 'my_corpus' or 'my_corpus:1.0.0'
+  c.data.tfds_split = 'train'  # the TFDS split read; train/validation are then split here by hash
   c.data.max_docs = 0  # 0 = every document; a cap makes small experiments fast
   c.data.val_fraction = 0.05  # documents (files or JSONL lines) held out for validation
-  c.data.on_bad_utf8 = 'skip'  # 'skip' (counted and named) or 'error'
-  c.data.vocab_size = 4096  # SentencePiece BPE vocabulary, trained on the train split
+  c.data.on_bad_utf8 = 'skip'  # 'skip' (counted and named), 'repair' (bad bytes become U+FFFD, counted) or 'error'
+  c.data.vocab_size = 4096  # SentencePiece vocabulary, trained on the cleaned train split
+  c.data.num_workers = 0  # processes that clean documents; 0 = one per core, 1 = none (in this process)
   c.data.cache_dir = '~/.cache/jaxgpt'  # tokenizer and TFDS dataset, reused across runs
   c.data.shuffle = True
+
+  c.data.tokenizer = ml_collections.ConfigDict()
+  c.data.tokenizer.kind = 'sentencepiece'  # 'sentencepiece' (trained here) or 'byte_bpe' (GPT-2 style, loaded)
+  c.data.tokenizer.model_type = 'bpe'  # sentencepiece: 'bpe' or 'unigram'
+  # sentencepiece: pieces never split, e.g. ('<|endoftext|>', '<|user|>', '<|assistant|>') for chat data.
+  c.data.tokenizer.special_tokens = ()
+  c.data.tokenizer.path = ''  # byte_bpe: a tokenizer.json, or a directory with vocab.json + merges.txt
+  c.data.tokenizer.eos_token = '<|endoftext|>'  # byte_bpe: frames every document (GPT-2 uses it as BOS and EOS)
+
+  # Cleaning, in this order; every step that changes or drops a document is counted in report.json.
+  # Defaults suit the quickstart's code; configs/web_text.py shows Gopher/C4-style settings for prose.
+  c.data.clean = ml_collections.ConfigDict()
+  c.data.clean.strip_bom = True  # a leading byte-order mark is an encoding marker, not text
+  c.data.clean.remove_control_chars = True  # C0/C1 controls except tab, newlines, form feed
+  c.data.clean.fix_mojibake = False  # ftfy.fix_encoding ('cafÃ©' -> 'café'); off: code may hold such text on purpose
+  c.data.clean.unicode_form = 'NFC'  # 'NFC', 'NFKC' (also folds ligatures, full-width forms: not for code) or ''
+  c.data.clean.normalize_punctuation = False  # curly quotes, dashes, ellipses, odd spaces -> ASCII
+  c.data.clean.lowercase = False
+  c.data.clean.unix_line_endings = True  # '\r\n' and '\r' -> '\n'
+  # Quality filters: a document failing one is dropped. 0 turns a filter off.
+  c.data.clean.min_chars = 1  # shorter documents are dropped; whitespace-only ones always are
+  c.data.clean.max_chars = 1_000_000  # longer documents are dropped (the stdlib's largest file is 757 kB)
+  c.data.clean.max_repeated_line_fraction = 0.0  # Gopher: 0.3 of non-blank lines repeating an earlier one
+  c.data.clean.max_repeated_ngram_fraction = 0.0  # Gopher: 0.15 of characters in repeated word n-grams
+  c.data.clean.ngram_size = 5  # n for the filter above
+  c.data.clean.max_symbol_word_ratio = 0.0  # Gopher: 0.1 '#' or '...' per word
+  # Deduplication, over the whole corpus before splitting: the first occurrence is kept.
+  c.data.clean.exact_dedup = True  # same text up to whitespace and case
+  c.data.clean.near_dedup = True  # MinHash LSH (datasketch) over word shingles
+  c.data.clean.near_dedup_threshold = 0.8  # estimated Jaccard similarity that makes a near duplicate
+  c.data.clean.shingle_size = 5  # words per shingle
+  c.data.clean.num_perm = 128  # MinHash permutations: more is more exact and slower
+
+  # Profanity/toxicity and PII (jaxgpt/safety.py, reusable for prompts and outputs).
+  c.data.safety = ml_collections.ConfigDict()
+  c.data.safety.profanity = 'off'  # 'off', 'flag' (counted, kept) or 'drop'
+  c.data.safety.classifier_threshold = 0.9  # alt-profanity-check probability, per line; 0 = word lists only
+  c.data.safety.blocked_words = ()  # whole words (any case) that make a document profane
+  c.data.safety.blocked_words_file = ''  # more such words, one per line
+  c.data.safety.scrub_pii = False  # e-mail addresses, phone numbers, IP addresses -> <EMAIL>, <PHONE>, <IP>
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
@@ -157,12 +206,12 @@ def validate(config: ConfigDict) -> None:
     problems.append(f'seq_len={config.seq_len} exceeds model.max_len={m.max_len}; raise model.max_len or lower seq_len')
   if config.batch_size % o.grad_accum_steps:
     problems.append(f'batch_size={config.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}')
-  if d.source not in ('stdlib', 'dir', 'jsonl'):
-    problems.append(f"data.source={d.source!r} is not one of 'stdlib', 'dir', 'jsonl'")
+  if d.source not in ('stdlib', 'dir', 'jsonl', 'tfds'):
+    problems.append(f"data.source={d.source!r} is not one of 'stdlib', 'dir', 'jsonl', 'tfds'")
   if d.source in ('dir', 'jsonl') and not d.path:
     problems.append(f'data.source={d.source!r} needs data.path (a directory or a .jsonl file)')
-  if d.on_bad_utf8 not in ('skip', 'error'):
-    problems.append(f"data.on_bad_utf8={d.on_bad_utf8!r} is not 'skip' or 'error'")
+  if d.on_bad_utf8 not in ('skip', 'repair', 'error'):
+    problems.append(f"data.on_bad_utf8={d.on_bad_utf8!r} is not 'skip', 'repair' or 'error'")
   if not 0 < d.val_fraction < 1:
     problems.append(f'data.val_fraction={d.val_fraction} must be between 0 and 1')
   for field, allowed in (('remat', ('none', 'full', 'dots')), ('position', ('learned', 'rope')),

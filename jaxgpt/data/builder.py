@@ -1,4 +1,4 @@
-"""Raw text -> tokenizer + tokenized TFDS dataset (array_record), cached on disk.
+"""Raw text -> cleaned text -> tokenizer + tokenized TFDS dataset (array_record), cached on disk.
 
 `prepare` is idempotent: the cache directory's name is a fingerprint of the
 data settings and of the source files' sizes and modification times, so a
@@ -7,9 +7,9 @@ The directory is built under a temporary name and renamed when complete, so a
 crash never leaves a half-written cache that a later run would trust.
 """
 
+import collections
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -20,13 +20,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxgpt.config import JaxgptError
-from jaxgpt.data import pipeline, sources
-from jaxgpt.data.tokenizer import Tokenizer, train_tokenizer
+from jaxgpt.data import corpus, pipeline, sources
+from jaxgpt.data.report import SPLITS, Report, table
+from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe, train_tokenizer
 
 # Bump when the on-disk layout or tokenization changes, to invalidate old caches.
-_FORMAT_VERSION = 2
-_SPLITS = ('train', 'validation')
-_ENCODE_BATCH = 64
+_FORMAT_VERSION = 3
+# Settings that change how data is read or where it is kept, not what it is.
+_SETTINGS_NOT_IN_DATA = ('cache_dir', 'shuffle', 'num_workers')
+_ENCODE_BATCH = 256
 TOKENIZER_FILE = 'tokenizer.model'
 REPORT_FILE = 'report.json'
 
@@ -58,6 +60,7 @@ class PreparedData:
   directory: str
   tokenizer: Tokenizer
   report: dict
+  reused: bool = False  # found in the cache rather than built now
 
   def source(self, split: str):
     """A random-access source of {'tokens': int32 array} for Grain, one per document."""
@@ -72,49 +75,88 @@ class PreparedData:
     return os.path.join(self.directory, 'tfds', 'tokenized_text', str(TokenizedText.VERSION))
 
 
-def _fingerprint(data_cfg, keys: list[str]) -> str:
-  root = sources.root(data_cfg)
-  paths = [root] if data_cfg.source == 'jsonl' else [os.path.join(root, k) for k in keys]
-  stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
-  settings = {k: data_cfg[k] for k in ('source', 'glob', 'text_field', 'max_docs',
-                                       'val_fraction', 'on_bad_utf8', 'vocab_size')}
-  blob = json.dumps([_FORMAT_VERSION, root, settings, stats], sort_keys=True)
+def _fingerprint(data_cfg, source: sources.Source) -> str:
+  """Changes whenever a setting or an input that shapes the dataset changes."""
+  settings = {k: v for k, v in data_cfg.to_dict().items() if k not in _SETTINGS_NOT_IN_DATA}
+  files = [os.path.expanduser(p) for p in (data_cfg.tokenizer.path, data_cfg.safety.blocked_words_file) if p]
+  stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files if os.path.exists(p)]
+  blob = json.dumps([_FORMAT_VERSION, source.root, settings, source.identity(), stats], sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _tokenized(texts: Iterator[str], tokenizer: Tokenizer, counts: dict) -> Iterator[np.ndarray]:
   def flush(batch):
     for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+      ids = np.asarray(ids, np.int32)
       counts['documents'] += 1
       counts['bytes'] += len(text.encode('utf-8'))
       counts['tokens'] += len(ids) + 2
-      yield np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)
+      counts['unknown'] += int(np.count_nonzero(ids == tokenizer.unk_id)) if tokenizer.unk_id is not None else 0
+      yield np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
 
-  batch = []
-  for text in texts:
-    batch.append(text)
-    if len(batch) == _ENCODE_BATCH:
-      yield from flush(batch)
-      batch = []
-  yield from flush(batch)
+  for batch in corpus.batched(texts, _ENCODE_BATCH):
+    yield from flush(batch)
+
+
+def _make_tokenizer(data_cfg, directory: str, log) -> Tokenizer:
+  tok_cfg = data_cfg.tokenizer
+  start = time.time()
+  if tok_cfg.kind == 'byte_bpe':
+    tokenizer = load_byte_level_bpe(tok_cfg.path, tok_cfg.eos_token)
+    log(f'data: loaded a {tokenizer.vocab_size}-piece byte-level BPE tokenizer from {tok_cfg.path}')
+    return tokenizer
+  tokenizer = train_tokenizer(corpus.read_clean(directory, 'train'), data_cfg.vocab_size,
+                              tok_cfg.model_type, tok_cfg.special_tokens)
+  log(f'data: trained a {tokenizer.vocab_size}-piece {tok_cfg.model_type.upper()} tokenizer '
+      f'in {time.time() - start:.1f}s')
+  return tokenizer
+
+
+def _load(directory: str, reused: bool) -> 'PreparedData':
+  with open(os.path.join(directory, REPORT_FILE)) as f:
+    report = json.load(f)
+  return PreparedData(directory, Tokenizer.load(os.path.join(directory, TOKENIZER_FILE)), report, reused)
+
+
+def check_settings(data_cfg) -> None:
+  """The data fields' own constraints (config.validate checks those that span sections)."""
+  problems = []
+  for field, value, allowed in (
+      ('tokenizer.kind', data_cfg.tokenizer.kind, ('sentencepiece', 'byte_bpe')),
+      ('tokenizer.model_type', data_cfg.tokenizer.model_type, ('bpe', 'unigram')),
+      ('clean.unicode_form', data_cfg.clean.unicode_form, ('NFC', 'NFKC', '')),
+      ('safety.profanity', data_cfg.safety.profanity, ('off', 'flag', 'drop'))):
+    if value not in allowed:
+      problems.append(f'data.{field}={value!r} is not one of {", ".join(map(repr, allowed))}')
+  if data_cfg.source == 'tfds' and not data_cfg.tfds_name:
+    problems.append("data.source='tfds' needs data.tfds_name")
+  if data_cfg.tokenizer.kind == 'byte_bpe' and not data_cfg.tokenizer.path:
+    problems.append("data.tokenizer.kind='byte_bpe' needs data.tokenizer.path (tokenizer.json or vocab/merges dir)")
+  if bool(data_cfg.instruction_field) != bool(data_cfg.response_field):
+    problems.append('set both data.instruction_field and data.response_field, or neither')
+  if not 0 < data_cfg.clean.near_dedup_threshold <= 1:
+    problems.append(f'data.clean.near_dedup_threshold={data_cfg.clean.near_dedup_threshold} must be in (0, 1]')
+  if problems:
+    raise JaxgptError('invalid data config: ' + '; '.join(problems) + '.')
 
 
 def prepare(data_cfg, log=print) -> PreparedData:
-  """Returns the cached tokenizer and dataset for `data_cfg`, building them if needed."""
-  keys = sources.document_keys(data_cfg)
+  """Returns the cached tokenizer and dataset for `data_cfg`, building them if needed.
+
+  Building: clean, deduplicate and split the source (corpus.py), train or load
+  the tokenizer, tokenize into TFDS array_record, and write the report.
+  """
+  check_settings(data_cfg)
+  source = sources.open_source(data_cfg)
   cache_root = os.path.expanduser(data_cfg.cache_dir)
-  directory = os.path.join(cache_root, f'{data_cfg.source}-{_fingerprint(data_cfg, keys)}')
+  directory = os.path.join(cache_root, f'{data_cfg.source}-{_fingerprint(data_cfg, source)}')
   if os.path.isfile(os.path.join(directory, REPORT_FILE)):
-    with open(os.path.join(directory, REPORT_FILE)) as f:
-      report = json.load(f)
     log(f'data: reusing {directory}')
-    return PreparedData(directory, Tokenizer.load(os.path.join(directory, TOKENIZER_FILE)), report)
+    return _load(directory, reused=True)
 
   start = time.time()
   tfds.disable_progress_bar()  # our own log lines say what happens; TFDS's bars flood the console
-  split_keys = sources.split_keys(keys, data_cfg.val_fraction)
-  log(f'data: preparing {len(keys)} documents from {sources.root(data_cfg)} '
-      f'({len(split_keys["train"])} train, {len(split_keys["validation"])} validation)')
+  log(f'data: preparing {source.root} ({data_cfg.source})')
   try:
     os.makedirs(cache_root, exist_ok=True)
   except OSError as e:
@@ -122,53 +164,44 @@ def prepare(data_cfg, log=print) -> PreparedData:
   building = f'{directory}.building-{os.getpid()}'
   shutil.rmtree(building, ignore_errors=True)
   os.makedirs(building)
+  try:
+    report = _build(source, data_cfg, building, log)
+  except BaseException:
+    shutil.rmtree(building, ignore_errors=True)
+    raise
+  shutil.rmtree(directory, ignore_errors=True)
+  os.rename(building, directory)
+  log(table(report))
+  log(f'data: ready in {time.time() - start:.1f}s at {directory}')
+  return _load(directory, reused=False)
 
-  skipped = {split: sources.SkipReport() for split in _SPLITS}
-  tokenizer = train_tokenizer(_training_texts(data_cfg, split_keys['train']), data_cfg.vocab_size)
+
+def _build(source: sources.Source, data_cfg, building: str, log) -> dict:
+  report = Report()
+  corpus.clean_corpus(source, data_cfg, building, report)
+  tokenizer = _make_tokenizer(data_cfg, building, log)
   tokenizer.save(os.path.join(building, TOKENIZER_FILE))
-  log(f'data: trained a {tokenizer.vocab_size}-piece BPE tokenizer in {time.time() - start:.1f}s')
 
-  counts = {split: {'documents': 0, 'bytes': 0, 'tokens': 0} for split in _SPLITS}
-  documents = {
-      split: _tokenized(sources.read_documents(data_cfg, split_keys[split], skipped[split]),
-                        tokenizer, counts[split])
-      for split in _SPLITS}
+  counts = {split: collections.Counter(documents=0, bytes=0, tokens=0, unknown=0) for split in SPLITS}
+  documents = {split: _tokenized(corpus.read_clean(building, split), tokenizer, counts[split]) for split in SPLITS}
+  start = time.time()
   builder = TokenizedText(documents=documents, data_dir=os.path.join(building, 'tfds'),
                           file_format='array_record')
   builder.download_and_prepare()
-  for split in _SPLITS:
-    if counts[split]['documents'] == 0:
-      shutil.rmtree(building, ignore_errors=True)
-      raise JaxgptError(f'the {split} split has no usable documents ({skipped[split].summary()}). '
-                        'Add more text or lower data.val_fraction.')
+  tokens = sum(c['tokens'] for c in counts.values())
+  report.speed['tokens_per_s'] = tokens / max(time.time() - start, 1e-9)
 
   prepared = PreparedData(building, tokenizer, {})
-  for split in _SPLITS:  # read back: TFDS stores examples in its own (shuffled) order
+  for split in SPLITS:  # read back: TFDS stores examples in its own (shuffled) order
     lengths = np.array([len(ex['tokens']) for ex in prepared.source(split)], np.int64)
     np.save(os.path.join(building, f'lengths-{split}.npy'), lengths)
-  report = {split: {**counts[split], 'skipped': skipped[split].to_dict()} for split in _SPLITS}
-  report['tokenizer'] = {'vocab_size': tokenizer.vocab_size, 'fingerprint': tokenizer.fingerprint,
-                         'bytes_per_token': counts['train']['bytes'] / max(1, counts['train']['tokens'])}
+  train = counts['train']
+  report.splits = {split: {k: counts[split][k] for k in ('documents', 'bytes', 'tokens')} for split in SPLITS}
+  report.tokenizer = {'kind': tokenizer.kind, 'vocab_size': tokenizer.vocab_size,
+                      'fingerprint': tokenizer.fingerprint,
+                      'tokens_per_byte': train['tokens'] / max(1, train['bytes']),
+                      'unknown_rate': train['unknown'] / max(1, train['tokens'])}
+  result = report.to_dict()
   with open(os.path.join(building, REPORT_FILE), 'w') as f:
-    json.dump(report, f, indent=2)
-  shutil.rmtree(directory, ignore_errors=True)
-  os.rename(building, directory)
-  for split in _SPLITS:
-    c = counts[split]
-    note = f'; skipped {skipped[split].summary()}' if skipped[split].counts else ''
-    log(f'data: {split}: {c["documents"]} documents, {c["bytes"] / 1e6:.1f} MB, '
-        f'{c["tokens"] / 1e6:.2f}M tokens{note}')
-  log(f'data: ready in {time.time() - start:.1f}s at {directory}')
-  return PreparedData(directory, tokenizer, report)
-
-
-def _training_texts(data_cfg, train_keys: list[str]) -> Iterator[str]:
-  """The train split's texts, failing clearly before training if there are none."""
-  skipped = sources.SkipReport()
-  texts = sources.read_documents(data_cfg, train_keys, skipped)
-  first = next(texts, None)
-  if first is None:
-    raise JaxgptError(
-        f'no usable text in {sources.root(data_cfg)}: all {len(train_keys)} training documents were '
-        f'skipped ({skipped.summary()}). Check data.path, data.glob, data.text_field and the encoding.')
-  return itertools.chain([first], texts)
+    json.dump(result, f, indent=2)
+  return result

@@ -1,13 +1,17 @@
-"""Raw text in: the standard library's source, a directory of files, or JSONL.
+"""Raw documents in: the standard library's source, a directory tree, JSONL, or a TFDS dataset.
+
+A source is streamed as `Record`s (a key, a place to name in reports, the raw
+payload); `extract_text` turns one record into text or says why it cannot be
+used (not UTF-8, invalid JSON, a missing or empty field, ...), with the line
+number. Records are never all in memory; a directory's file list is.
 
 Documents are split into train and validation by a hash of their key (a file's
-relative path, a JSONL line number), so the split does not depend on order and
-no file ever lands in both. Every document that cannot be used is counted and
-named in a `SkipReport` rather than silently dropped.
+relative path, a JSONL line number, a TFDS index), so the split does not depend
+on order and no document ever lands in both.
 """
 
-import collections
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import json
@@ -17,121 +21,207 @@ from collections.abc import Iterator
 
 from jaxgpt.config import JaxgptError
 
-_EXAMPLES_PER_REASON = 5
+SOURCES = ('stdlib', 'dir', 'jsonl', 'tfds')
 
 
-@dataclasses.dataclass
-class SkipReport:
-  """Counts of skipped documents by reason, with a few named examples of each."""
-  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
-
-  def skip(self, reason: str, where: str) -> None:
-    self.counts[reason] += 1
-    if len(self.examples[reason]) < _EXAMPLES_PER_REASON:
-      self.examples[reason].append(where)
-
-  def to_dict(self) -> dict:
-    return {r: {'count': n, 'examples': self.examples[r]} for r, n in self.counts.items()}
-
-  def summary(self) -> str:
-    return ', '.join(f'{n} {r} (e.g. {self.examples[r][0]})' for r, n in self.counts.items())
+@dataclasses.dataclass(frozen=True)
+class Record:
+  key: str  # stable identity: decides the split
+  where: str  # what reports name: a path, path:line or dataset[index]
+  size: int  # raw bytes, for progress and the report
+  payload: bytes | str  # a file's path (read by the worker), or the raw bytes
 
 
-def _stdlib_root() -> str:
-  return sysconfig.get_paths()['stdlib']
+@dataclasses.dataclass(frozen=True)
+class Extracted:
+  text: str | None  # None: unusable, for `reason`
+  reason: str = ''
+  detail: str = ''
+  repaired: bool = False  # undecodable bytes were replaced (on_bad_utf8='repair')
+
+
+class Source:
+  """A stream of records, with what the cache fingerprint must cover."""
+
+  def __init__(self, data_cfg):
+    self.cfg = data_cfg
+    self.root = root(data_cfg)
+
+  def records(self) -> Iterator[Record]:
+    raise NotImplementedError
+
+  def total_bytes(self) -> int | None:
+    """For the progress bar's ETA; None when unknown in advance."""
+    return None
+
+  def identity(self) -> list:
+    """What changes when the input changes (paths, sizes, modification times)."""
+    raise NotImplementedError
 
 
 def root(data_cfg) -> str:
-  return _stdlib_root() if data_cfg.source == 'stdlib' else os.path.expanduser(data_cfg.path)
+  if data_cfg.source == 'stdlib':
+    return sysconfig.get_paths()['stdlib']
+  return os.path.expanduser(data_cfg.path)
 
 
-def document_keys(data_cfg) -> list[str]:
-  """All document keys, sorted: relative file paths, or JSONL line numbers."""
-  base = root(data_cfg)
-  if data_cfg.source == 'jsonl':
-    if not os.path.isfile(base):
-      raise JaxgptError(f'data.path={base!r} is not a file. Point it at a .jsonl file.')
-    with open(base, 'rb') as f:
-      keys = [str(i + 1) for i, _ in enumerate(f)]
-  else:
-    if not os.path.isdir(base):
-      raise JaxgptError(f'data.path={base!r} is not a directory. Point it at a directory of text files.')
-    pattern = '**/*.py' if data_cfg.source == 'stdlib' else data_cfg.glob
-    keys = sorted(
-        os.path.relpath(p, base) for p in glob.glob(os.path.join(base, pattern), recursive=True)
-        if os.path.isfile(p) and 'site-packages' not in p)
-  if data_cfg.max_docs:
-    keys = keys[:data_cfg.max_docs]
-  if not keys:
-    what = f'no lines in {base}' if data_cfg.source == 'jsonl' else f'no files matching {data_cfg.glob!r} under {base}'
-    raise JaxgptError(f'no usable text: {what}. Check data.path and data.glob.')
-  return keys
+def _patterns(value: str) -> list[str]:
+  return [p.strip() for p in value.split(',') if p.strip()]
 
 
-def _in_validation(key: str, fraction: float) -> bool:
+class FileTree(Source):
+  """Every file under `root` matching an include glob and no exclude glob, in sorted order."""
+
+  def __init__(self, data_cfg):
+    super().__init__(data_cfg)
+    if not os.path.isdir(self.root):
+      raise JaxgptError(f'data.path={self.root!r} is not a directory. Point it at a directory of text files.')
+    stdlib = data_cfg.source == 'stdlib'
+    include = ['**/*.py'] if stdlib else _patterns(data_cfg.glob)
+    exclude = _patterns(data_cfg.exclude) + (['site-packages/**'] if stdlib else [])
+    keys = set()
+    for pattern in include:
+      for path in glob.glob(os.path.join(self.root, pattern), recursive=True):
+        key = os.path.relpath(path, self.root)
+        if os.path.isfile(path) and not any(fnmatch.fnmatch(key, x) for x in exclude):
+          keys.add(key)
+    self.keys = sorted(keys)[:data_cfg.max_docs or None]
+    if not self.keys:
+      raise JaxgptError(f'no usable text: no files matching {data_cfg.glob!r} (excluding '
+                        f'{data_cfg.exclude!r}) under {self.root}. Check data.path, data.glob and data.exclude.')
+    self._stats = [os.stat(os.path.join(self.root, k)) for k in self.keys]
+
+  def records(self) -> Iterator[Record]:
+    for key, stat in zip(self.keys, self._stats):
+      path = os.path.join(self.root, key)
+      yield Record(key, path, stat.st_size, path)
+
+  def total_bytes(self) -> int:
+    return sum(s.st_size for s in self._stats)
+
+  def identity(self) -> list:
+    return [(k, s.st_size, s.st_mtime_ns) for k, s in zip(self.keys, self._stats)]
+
+
+class JsonLines(Source):
+  """One document per line of a JSONL file; keys are line numbers."""
+
+  def __init__(self, data_cfg):
+    super().__init__(data_cfg)
+    if not os.path.isfile(self.root):
+      raise JaxgptError(f'data.path={self.root!r} is not a file. Point it at a .jsonl file.')
+
+  def records(self) -> Iterator[Record]:
+    with open(self.root, 'rb') as f:
+      for number, line in enumerate(f, start=1):
+        if self.cfg.max_docs and number > self.cfg.max_docs:
+          return
+        yield Record(str(number), f'{self.root}:{number}', len(line), line)
+
+  def total_bytes(self) -> int:
+    return os.path.getsize(self.root)
+
+  def identity(self) -> list:
+    stat = os.stat(self.root)
+    return [(self.root, stat.st_size, stat.st_mtime_ns)]
+
+
+class TfdsDataset(Source):
+  """One split of a TFDS dataset prepared as array_record (read without TensorFlow)."""
+
+  def __init__(self, data_cfg):
+    super().__init__(data_cfg)
+    import tensorflow_datasets as tfds  # slow to import: only for this source
+    data_dir = self.root or None
+    try:
+      self._builder = tfds.builder(data_cfg.tfds_name, data_dir=data_dir)
+      self._examples = self._builder.as_data_source(split=data_cfg.tfds_split)
+    except Exception as e:  # TFDS raises many kinds: not found, not prepared, wrong format
+      raise JaxgptError(
+          f'cannot read TFDS dataset data.tfds_name={data_cfg.tfds_name!r} split {data_cfg.tfds_split!r} '
+          f'from data.path={self.root or "(TFDS default)"!r} ({type(e).__name__}: {str(e)[:300]}). It must be '
+          'prepared in array_record format, e.g. `tfds build NAME --file_format=array_record`.') from None
+    if data_cfg.text_field not in self._builder.info.features:
+      raise JaxgptError(f'the TFDS dataset {data_cfg.tfds_name!r} has no feature {data_cfg.text_field!r} '
+                        f'(it has {", ".join(self._builder.info.features)}); set data.text_field.')
+    self._count = min(len(self._examples), data_cfg.max_docs or len(self._examples))
+
+  def records(self) -> Iterator[Record]:
+    name = f'{self.cfg.tfds_name}/{self.cfg.tfds_split}'
+    for index in range(self._count):
+      value = self._examples[index][self.cfg.text_field]
+      payload = value if isinstance(value, bytes) else str(value).encode('utf-8')
+      yield Record(str(index), f'{name}[{index}]', len(payload), payload)
+
+  def identity(self) -> list:
+    return [self._builder.info.full_name, self._builder.data_dir, self.cfg.tfds_split, self._count]
+
+
+def open_source(data_cfg) -> Source:
+  kinds = {'stdlib': FileTree, 'dir': FileTree, 'jsonl': JsonLines, 'tfds': TfdsDataset}
+  return kinds[data_cfg.source](data_cfg)
+
+
+def in_validation(key: str, fraction: float) -> bool:
+  """Whether the document with `key` is held out; a pure function of the key."""
   digest = hashlib.sha256(key.encode()).digest()
   return int.from_bytes(digest[:8], 'big') / 2**64 < fraction
 
 
-def split_keys(keys: list[str], val_fraction: float) -> dict[str, list[str]]:
-  """Deterministic train/validation split by key; both splits are non-empty."""
-  if len(keys) < 2:
-    raise JaxgptError(f'only {len(keys)} document found; need at least 2 to hold one out for validation.')
-  val = [k for k in keys if _in_validation(k, val_fraction)]
-  if not val:  # tiny corpora: hold out the document whose hash is smallest
-    val = [min(keys, key=lambda k: hashlib.sha256(k.encode()).digest())]
-  held_out = set(val)
-  train = [k for k in keys if k not in held_out]
-  return {'train': train, 'validation': val}
-
-
-def _decode(raw: bytes, where: str, data_cfg, report: SkipReport) -> str | None:
+def _decode(raw: bytes, where: str, on_bad_utf8: str) -> Extracted:
   try:
-    text = raw.decode('utf-8')
+    return Extracted(raw.decode('utf-8'))
   except UnicodeDecodeError as e:
-    if data_cfg.on_bad_utf8 == 'error':
+    detail = f'{e.reason} at byte {e.start}'
+    if on_bad_utf8 == 'error':
       raise JaxgptError(
-          f'{where} is not valid UTF-8 ({e.reason} at byte {e.start}). Convert it to UTF-8, '
-          "remove it, or set data.on_bad_utf8='skip' to skip such documents.") from None
-    report.skip('not valid UTF-8', where)
-    return None
-  text = text.removeprefix('\ufeff')  # a BOM is an encoding marker, not text
-  if not text.strip():
-    report.skip('empty', where)
-    return None
-  return text
+          f'{where} is not valid UTF-8 ({detail}). Convert it to UTF-8, remove it, or set '
+          "data.on_bad_utf8='skip' (or 'repair') to skip (or repair) such documents.") from None
+    if on_bad_utf8 == 'repair':
+      return Extracted(raw.decode('utf-8', errors='replace'), detail=detail, repaired=True)
+    return Extracted(None, 'not valid UTF-8', detail)
 
 
-def read_documents(data_cfg, keys: list[str], report: SkipReport) -> Iterator[str]:
-  """Yields the text of each usable document among `keys`, in order."""
-  base = root(data_cfg)
-  if data_cfg.source != 'jsonl':
-    for key in keys:
-      path = os.path.join(base, key)
-      with open(path, 'rb') as f:
-        text = _decode(f.read(), path, data_cfg, report)
-      if text is not None:
-        yield text
-    return
-  wanted = set(keys)
-  with open(base, 'rb') as f:
-    for number, raw in enumerate(f, start=1):
-      if str(number) not in wanted:
-        continue
-      where = f'{base}:{number}'
-      line = _decode(raw, where, data_cfg, report)
-      if line is None:
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        report.skip('invalid JSON', where)
-        continue
-      text = record.get(data_cfg.text_field) if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        report.skip(f'no string field {data_cfg.text_field!r}', where)
-      elif not text.strip():
-        report.skip('empty', where)
-      else:
-        yield text
+def _field(record: dict, name: str) -> tuple[str | None, str]:
+  """The string in `record[name]`, or None and why not."""
+  if name not in record:
+    return None, f'missing field {name!r}'
+  value = record[name]
+  if not isinstance(value, str):
+    return None, f'field {name!r} is not a string'
+  if not value.strip():
+    return None, f'empty field {name!r}'
+  return value, ''
+
+
+def _from_json_line(line: str, data_cfg) -> Extracted:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    return Extracted(None, 'invalid JSON', e.msg)
+  if not isinstance(record, dict):
+    return Extracted(None, 'not a JSON object', type(record).__name__)
+  if data_cfg.instruction_field:
+    fields = {}
+    for role, name in (('instruction', data_cfg.instruction_field), ('response', data_cfg.response_field)):
+      fields[role], problem = _field(record, name)
+      if problem:
+        return Extracted(None, problem)
+    return Extracted(data_cfg.instruction_format.format(**fields))
+  text, problem = _field(record, data_cfg.text_field)
+  return Extracted(text, problem)
+
+
+def extract_text(record: Record, data_cfg) -> Extracted:
+  """The record's text, decoded and (for JSONL) validated, or why it is unusable."""
+  raw = record.payload
+  if isinstance(raw, str):  # a file path
+    with open(raw, 'rb') as f:
+      raw = f.read()
+  decoded = _decode(raw, record.where, data_cfg.on_bad_utf8)
+  if decoded.text is None or data_cfg.source != 'jsonl':
+    return decoded
+  if not decoded.text.strip():
+    return Extracted(None, 'blank line')
+  extracted = _from_json_line(decoded.text, data_cfg)
+  return dataclasses.replace(extracted, repaired=decoded.repaired, detail=extracted.detail or decoded.detail)
