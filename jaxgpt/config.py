@@ -129,6 +129,16 @@ def base_config() -> ConfigDict:
   c.mesh.data = -1  # -1 takes the devices the other axes leave
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Overrides of jaxgpt.sharding.LOGICAL_RULES, e.g. (('vocab', None),) to replicate the vocabulary.
+  c.mesh.rules = ()
+
+  # Multi-host start-up (jax.distributed). Leave empty on one host. On TPU VMs and under
+  # SLURM set auto=True and JAX finds the coordinator itself; elsewhere give all three.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.auto = False
+  c.distributed.coordinator_address = ''  # host:port of process 0
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ('def ', 'import os\n', 'class ')

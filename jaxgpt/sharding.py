@@ -21,7 +21,8 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # Logical name -> mesh axes. Parameters are sharded over 'fsdp' along their
 # embed dimension (ZeRO-3 style) and over 'tensor' along heads / mlp / vocab;
-# activations are sharded over the batch by both data-parallel axes.
+# activations are sharded over the batch by both data-parallel axes. A config
+# may override any entry with mesh.rules (see logical_rules).
 LOGICAL_RULES = (
     ('act_batch', ('data', 'fsdp')),
     ('act_tokens', ('data', 'fsdp')),
@@ -65,6 +66,17 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def logical_rules(mesh_cfg) -> tuple:
+  """The default rules with the config's `mesh.rules` entries replacing theirs."""
+  overrides = {name: (tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in mesh_cfg.get('rules', ())}
+  unknown = set(overrides) - {name for name, _ in LOGICAL_RULES}
+  if unknown:
+    raise JaxgptError(f'mesh.rules names unknown logical axes {sorted(unknown)}; '
+                      f'known: {[name for name, _ in LOGICAL_RULES]}.')
+  return tuple((name, overrides.get(name, axes)) for name, axes in LOGICAL_RULES)
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
@@ -73,9 +85,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
                        devices=devices)
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh):
+def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
   """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -117,7 +129,34 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 @contextlib.contextmanager
-def activation_rules(mesh: Mesh):
+def activation_rules(mesh: Mesh, rules=LOGICAL_RULES):
   """Makes the model's logical activation constraints resolve against `mesh`."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def initialize_distributed(dist_cfg) -> None:
+  """Starts jax.distributed when the config asks for several processes.
+
+  Must run before anything touches a device. On CPU, cross-process
+  collectives need gloo (the default CPU backend has none).
+  """
+  explicit = bool(dist_cfg.coordinator_address)
+  if not (explicit or dist_cfg.auto):
+    return
+  if explicit and (dist_cfg.num_processes < 1 or not 0 <= dist_cfg.process_id < dist_cfg.num_processes):
+    raise JaxgptError(
+        f'distributed.coordinator_address is set, so distributed.num_processes '
+        f'({dist_cfg.num_processes}) must be positive and distributed.process_id '
+        f'({dist_cfg.process_id}) in [0, num_processes).')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    if explicit:
+      jax.distributed.initialize(dist_cfg.coordinator_address, num_processes=dist_cfg.num_processes,
+                                 process_id=dist_cfg.process_id)
+    else:
+      jax.distributed.initialize()  # TPU VM metadata, SLURM or Open MPI environment
+  except (RuntimeError, ValueError) as e:
+    raise JaxgptError(f'jax.distributed could not start ({str(e).splitlines()[0]}). Check that every '
+                      'process uses the same coordinator address and process count, and that process 0 '
+                      'is reachable.') from None

@@ -44,23 +44,23 @@ def _init_fn(model: GPT, tx: optax.GradientTransformation, seq_len: int):
   return init
 
 
-def state_shardings(model, tx, seq_len, mesh):
+def state_shardings(model, tx, seq_len, mesh, rules=sharding.LOGICAL_RULES):
   """NamedShardings for every leaf of the TrainState, from the logical axis rules."""
   abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
-  return sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+  return sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
 
 
-def create_state(model, tx, seq_len: int, mesh, rng) -> TrainState:
+def create_state(model, tx, seq_len: int, mesh, rng, rules=sharding.LOGICAL_RULES) -> TrainState:
   init = _init_fn(model, tx, seq_len)
-  shardings = state_shardings(model, tx, seq_len, mesh)
-  with sharding.activation_rules(mesh):
+  shardings = state_shardings(model, tx, seq_len, mesh, rules)
+  with sharding.activation_rules(mesh, rules):
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
-def abstract_state(model, tx, seq_len: int, mesh) -> TrainState:
+def abstract_state(model, tx, seq_len: int, mesh, rules=sharding.LOGICAL_RULES) -> TrainState:
   """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto `mesh`."""
   shapes = nn.unbox(jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0)))
-  shardings = state_shardings(model, tx, seq_len, mesh)
+  shardings = state_shardings(model, tx, seq_len, mesh, rules)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 

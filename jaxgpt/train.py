@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
+from jax.experimental import multihost_utils
 
 from jaxgpt import sharding, state as state_lib
 from jaxgpt.checkpoint import Checkpointer, check_compatible
@@ -40,9 +41,11 @@ def loss_sums(model, params, batch, rng=None):
   return (losses * mask).sum(), mask.sum()
 
 
-def make_train_step(model, tx, schedule, accum_steps: int):
-  def train_step(state, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)  # no hidden RNG state: resume gives the same dropout
+def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0):
+  def train_step(state, batch):
+    # The step's dropout key derives from the seed and the step alone: no RNG state to
+    # checkpoint, and a resumed run draws the same masks.
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def grads_of(microbatch, micro_rng):
       (loss_sum, count), grads = jax.value_and_grad(
@@ -118,10 +121,16 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
   validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  sharding.initialize_distributed(config.distributed)
   mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
   sharding.check_divisibility(config, mesh)
   writer = MetricWriter(workdir)
-  data = builder.prepare(config.data, log=writer.log)
+  if jax.process_index() == 0:  # one process builds the shared data cache; the others then reuse it
+    data = builder.prepare(config.data, log=writer.log)
+  multihost_utils.sync_global_devices('jaxgpt data prepared')
+  if jax.process_index() != 0:
+    data = builder.prepare(config.data, log=writer.log)
   tokenizer = data.tokenizer
   _prepare_workdir(workdir, config, tokenizer)
 
@@ -138,22 +147,21 @@ def train(config, workdir: str) -> dict:
   start = checkpointer.latest_step()
   if start is None:
     start = 0
-    state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(config.seed))
+    state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(config.seed), rules)
   else:
     check_compatible(checkpointer.read_meta(start), meta, workdir)
-    state = checkpointer.restore(start, state_lib.abstract_state(model, tx, config.seq_len, mesh),
+    state = checkpointer.restore(start, state_lib.abstract_state(model, tx, config.seq_len, mesh, rules),
                                  train_batches)
     writer.log(f'resumed from step {start} in {checkpointer.directory}')
 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, config.optim.grad_accum_steps),
-      in_shardings=(state_shardings, batch_sharding, replicated),
+      make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.seed + 1),
+      in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_step = jax.jit(lambda params, batch: loss_sums(model, params, batch),
                       in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
-  dropout_rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
 
   tokens_per_step = config.batch_size * config.seq_len
   model_flops = flops_per_token(model.cfg, config.seq_len)
@@ -163,10 +171,10 @@ def train(config, workdir: str) -> dict:
 
   results = {}
   pending, interval_start, interval_steps = [], time.perf_counter(), 0
-  with sharding.activation_rules(mesh):
+  with sharding.activation_rules(mesh, rules):
     for step in range(start, steps):
       batch = sharding.global_batch(next(train_batches), mesh)
-      state, metrics = train_step(state, batch, dropout_rng)
+      state, metrics = train_step(state, batch)
       pending.append(metrics)
       interval_steps += 1
       done = step + 1

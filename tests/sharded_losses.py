@@ -1,12 +1,15 @@
-"""Runs 3 train steps of a tiny model on several meshes of 8 fake CPU devices.
+"""Runs 3 train steps of a tiny model on several meshes of 8 fake CPU devices,
+then restores the fsdp8 run's checkpoint onto other meshes and runs a 4th step.
 
 Run as a script (XLA_FLAGS must be set before jax starts). Prints one JSON
-object: mesh name -> {losses, param_checksum, shard_shapes}.
+object: mesh name -> {losses, params (checksums), shard shapes, 4th-step loss
+after restoring onto that mesh}.
 """
 
 import json
 import os
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
@@ -16,6 +19,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import quickstart  # noqa: E402
 from jaxgpt import sharding, state as state_lib  # noqa: E402
+from jaxgpt.checkpoint import Checkpointer  # noqa: E402
 from jaxgpt.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from jaxgpt.train import make_train_step  # noqa: E402
 
@@ -24,7 +28,26 @@ MESHES = {'single': (1, 1, 1), 'data8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'fsdp4_te
 VOCAB, SEQ, BATCH = 256, 32, 16
 
 
-def run(mesh_shape):
+def batch(step: int) -> dict:
+  tokens = np.random.default_rng(step).integers(3, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': np.ones((BATCH, SEQ), np.int32),
+          'positions': np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1)), 'loss_mask': np.ones((BATCH, SEQ), np.int32)}
+
+
+class NoData:
+  """An empty data-iterator state: these batches are made by hand."""
+
+  def get_state(self) -> bytes:
+    return b'{}'
+
+  def set_state(self, state) -> None:
+    pass
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def setup(mesh_shape):
   config = quickstart.get_config()
   config.seq_len, config.batch_size = SEQ, BATCH
   config.model.update(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=128, max_len=SEQ)
@@ -35,29 +58,49 @@ def run(mesh_shape):
   sharding.check_divisibility(config, mesh)
   model = state_lib.build_model(config, VOCAB)
   tx = make_optimizer(config.optim, 10)
-  state = state_lib.create_state(model, tx, SEQ, mesh, jax.random.key(0))
-  shardings = jax.tree.map(lambda x: x.sharding, state)
+  abstract = state_lib.abstract_state(model, tx, SEQ, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
   step = jax.jit(make_train_step(model, tx, learning_rate_schedule(config.optim, 10), 1),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  rng = np.random.default_rng(0)
+  return mesh, model, tx, abstract, step
+
+
+def run(mesh_shape, checkpoint_dir=None):
+  mesh, model, tx, _, step = setup(mesh_shape)
+  state = state_lib.create_state(model, tx, SEQ, mesh, jax.random.key(0))
   losses = []
   with sharding.activation_rules(mesh):
-    for _ in range(3):
-      tokens = rng.integers(3, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
-      local = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-               'segment_ids': np.ones((BATCH, SEQ), np.int32),
-               'positions': np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1)),
-               'loss_mask': np.ones((BATCH, SEQ), np.int32)}
-      state, metrics = step(state, sharding.global_batch(local, mesh), jax.random.key(1))
+    for i in range(3):
+      state, metrics = step(state, sharding.global_batch(batch(i), mesh))
       losses.append(float(metrics['loss']))
+  if checkpoint_dir:
+    checkpointer = Checkpointer(checkpoint_dir, keep=1)
+    checkpointer.save(3, state, NoData(), {})
+    checkpointer.wait()
+  params = [float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(state.params)]
+  with sharding.activation_rules(mesh):
+    state, metrics = step(state, sharding.global_batch(batch(3), mesh))
+  fourth_loss = float(metrics['loss'])
   query = state.params['blocks']['query']
-  return {'losses': losses,
-          'params': [float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(state.params)],
+  return {'losses': losses, 'params': params, 'fourth_loss': fourth_loss,
           'query_shape': list(query.shape),
           'query_shard_shape': list(query.addressable_shards[0].data.shape),
           'adam_mu_shard_shape': list(state.opt_state[1][0].mu['blocks']['query'].addressable_shards[0].data.shape)}
 
 
+def fourth_step_after_restore(mesh_shape, checkpoint_dir) -> float:
+  """Restores the 3-step state onto `mesh_shape` (resharding it) and trains one more step."""
+  mesh, _, _, abstract, step = setup(mesh_shape)
+  state = Checkpointer(checkpoint_dir, keep=1).restore(3, abstract)
+  with sharding.activation_rules(mesh):
+    _, metrics = step(state, sharding.global_batch(batch(3), mesh))
+  return float(metrics['loss'])
+
+
 if __name__ == '__main__':
-  print(json.dumps({name: run(shape) for name, shape in MESHES.items()}))
+  saved_on_fsdp8 = tempfile.mkdtemp()
+  results = {name: run(shape, saved_on_fsdp8 if name == 'fsdp8' else None) for name, shape in MESHES.items()}
+  for name, shape in MESHES.items():
+    results[name]['fourth_loss_from_fsdp8_checkpoint'] = fourth_step_after_restore(shape, saved_on_fsdp8)
+  print(json.dumps(results))

@@ -28,6 +28,15 @@ def test_sharded_training_matches_one_device(runs, mesh):
   np.testing.assert_allclose(runs[mesh]['params'], runs['single']['params'], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('mesh', ['single', 'data8', 'fsdp4_tensor2', 'data2_fsdp2_tensor2'])
+def test_checkpoint_from_one_mesh_resumes_on_another(runs, mesh):
+  """Saved after 3 steps on fsdp8, restored (resharded) onto `mesh`: step 4 is the uninterrupted step 4."""
+  np.testing.assert_allclose(runs[mesh]['fourth_loss_from_fsdp8_checkpoint'], runs['fsdp8']['fourth_loss'],
+                             rtol=1e-6)
+  np.testing.assert_allclose(runs[mesh]['fourth_loss_from_fsdp8_checkpoint'], runs['single']['fourth_loss'],
+                             rtol=1e-5)
+
+
 def test_fsdp_and_tensor_parallelism_really_split_the_parameters(runs):
   # query kernel: [layers, embed, heads, head_dim]; embed goes to fsdp, heads to tensor.
   assert runs['single']['query_shard_shape'] == [2, 64, 4, 16]

@@ -28,10 +28,9 @@ def test_a_tiny_model_overfits_one_batch(tiny_config):
   tiny_config.train.num_steps = 150
   _, _, _, _, state, step, batches = _setup(tiny_config)
   batch = next(batches)
-  rng = jax.random.key(1)
   losses = []
   for _ in range(150):
-    state, metrics = step(state, batch, rng)
+    state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   assert losses[0] > 5.0  # about log(vocab) at the start
   assert losses[-1] < 0.5, losses[-10:]
@@ -42,7 +41,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config):
   for accum in (1, 4):
     _, _, _, _, state, step, batches = _setup(tiny_config, accum)
     batch = next(batches)
-    state, metrics = step(state, batch, jax.random.key(1))
+    state, metrics = step(state, batch)
     results.append((float(metrics['loss']), float(metrics['grad_norm']), state.params))
   (loss1, norm1, params1), (loss4, norm4, params4) = results
   np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
@@ -70,9 +69,8 @@ def test_schedule_warms_up_then_decays_to_the_floor(tiny_config):
 
 def test_checkpoint_round_trip_restores_state_and_data_position(tiny_config, tmp_path):
   data, mesh, model, tx, state, step, batches = _setup(tiny_config)
-  rng = jax.random.key(1)
   for _ in range(3):
-    state, _ = step(state, next(batches), rng)
+    state, _ = step(state, next(batches))
   checkpointer = Checkpointer(str(tmp_path), keep=2)
   meta = state_lib.checkpoint_meta(tiny_config, data.tokenizer)
   checkpointer.save(3, state, batches, meta)
