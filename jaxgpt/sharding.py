@@ -102,18 +102,19 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_divisibility(config, mesh: Mesh) -> None:
-  """Catches the shapes that would otherwise fail deep inside XLA."""
-  dp = data_parallel_size(mesh)
+def check_divisibility(config, mesh_sizes) -> None:
+  """Catches the shapes that would otherwise fail deep inside XLA. `mesh_sizes`: axis -> size."""
+  dp = mesh_sizes['data'] * mesh_sizes['fsdp']
   micro = config.batch_size // config.optim.grad_accum_steps
   if micro % dp:
     raise JaxgptError(
         f'batch_size={config.batch_size} with optim.grad_accum_steps={config.optim.grad_accum_steps} '
         f'gives microbatches of {micro}, not divisible by the data-parallel size {dp} '
-        f'(mesh.data x mesh.fsdp). Use a batch size that is a multiple of {dp * config.optim.grad_accum_steps}.')
+        f'(mesh.data x mesh.fsdp). Use a batch size that is a multiple of {dp * config.optim.grad_accum_steps}, '
+        'or fewer accumulation steps.')
   if config.batch_size % jax.process_count():
     raise JaxgptError(f'batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes.')
-  tp = mesh.shape['tensor']
+  tp = mesh_sizes['tensor']
   m = config.model
   kv_heads = m.num_kv_heads or m.num_heads
   if m.num_heads % tp or kv_heads % tp or m.mlp_dim % tp:

@@ -124,7 +124,7 @@ def train(config, workdir: str) -> dict:
   sharding.initialize_distributed(config.distributed)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
-  sharding.check_divisibility(config, mesh)
+  sharding.check_divisibility(config, mesh.shape)
   writer = MetricWriter(workdir)
   if jax.process_index() == 0:  # one process builds the shared data cache; the others then reuse it
     data = builder.prepare(config.data, log=writer.log)

@@ -55,7 +55,7 @@ def setup(mesh_shape):
   config.mesh.update(dict(zip(sharding.MESH_AXES, mesh_shape)))
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  sharding.check_divisibility(config, mesh)
+  sharding.check_divisibility(config, mesh.shape)
   model = state_lib.build_model(config, VOCAB)
   tx = make_optimizer(config.optim, 10)
   abstract = state_lib.abstract_state(model, tx, SEQ, mesh)
