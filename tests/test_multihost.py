@@ -50,3 +50,24 @@ def test_two_processes_save_and_restore_one_checkpoint(runs):
   for result in multi:
     np.testing.assert_allclose(result['after_restore'], single['after_restore'], rtol=1e-6)
   assert os.path.isdir(root / 'multi' / 'checkpoints' / '3' / 'state')
+
+
+def test_train_command_with_two_processes(tmp_path, data_cache):
+  """The real CLI as two processes: only process 0 logs; each saves its own data position."""
+  from conftest import REPO, TINY_OVERRIDES, override_args
+  port = _free_port()
+  args = [sys.executable, '-m', 'jaxgpt.train', '--config', 'configs/quickstart.py', '--workdir', str(tmp_path / 'run'),
+          *override_args(TINY_OVERRIDES), '--config.train.num_steps=10', f'--config.data.cache_dir={data_cache}',
+          f'--config.distributed.coordinator_address=127.0.0.1:{port}', '--config.distributed.num_processes=2']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  procs = [subprocess.Popen(args + [f'--config.distributed.process_id={i}'], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  (out0, _), (out1, _) = outputs
+  assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in out0
+  assert 'step 10/10 | loss' in out0 and 'step 10: validation loss' in out0
+  assert 'step 10/10' not in out1 and 'validation loss' not in out1
+  data_state = sorted(os.listdir(tmp_path / 'run' / 'checkpoints' / '10' / 'data'))
+  assert 'process_0-of-2.json' in data_state and 'process_1-of-2.json' in data_state
