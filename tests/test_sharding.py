@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,3 +59,26 @@ def test_bad_mesh_shapes_are_clear_errors(mesh, devices, message):
 
 def test_mesh_fills_the_minus_one_axis():
   assert sharding.mesh_shape({'data': -1, 'fsdp': 2, 'tensor': 2}, 8) == (2, 2, 2)
+
+
+@pytest.mark.parametrize('overrides,sizes,message', [
+    ({'batch_size': 12}, {'data': 8, 'fsdp': 1, 'tensor': 1}, 'microbatches of 12, not divisible by the data-parallel size 8'),
+    ({'batch_size': 16, 'optim.grad_accum_steps': 4}, {'data': 2, 'fsdp': 4, 'tensor': 1},
+     'microbatches of 4, not divisible by the data-parallel size 8'),
+    ({'model.num_heads': 4, 'model.num_kv_heads': 1}, {'data': 4, 'fsdp': 1, 'tensor': 2}, 'the kv heads (1)'),
+    ({'model.num_heads': 6}, {'data': 1, 'fsdp': 1, 'tensor': 4}, 'mesh.tensor=4 must divide model.num_heads=6'),
+])
+def test_shapes_that_do_not_divide_are_clear_errors(tiny_config, overrides, sizes, message):
+  from conftest import apply_overrides
+  config = apply_overrides(tiny_config, overrides)
+  with pytest.raises(JaxgptError, match=re.escape(message)):
+    sharding.check_divisibility(config, sizes)
+
+
+def test_rules_can_be_overridden_from_config(tiny_config):
+  tiny_config.mesh.rules = (('vocab', None), ('embed', ['fsdp', 'data']))
+  rules = dict(sharding.logical_rules(tiny_config.mesh))
+  assert rules['vocab'] is None and rules['embed'] == ('fsdp', 'data') and rules['heads'] == 'tensor'
+  tiny_config.mesh.rules = (('vocabulary', None),)
+  with pytest.raises(JaxgptError, match="unknown logical axes \\['vocabulary'\\]"):
+    sharding.logical_rules(tiny_config.mesh)
