@@ -113,6 +113,8 @@ def quality_problem(text: str, clean_cfg) -> tuple[str, str] | None:
     fraction = repeated_line_fraction(text)
     if fraction > clean_cfg.max_repeated_line_fraction:
       return 'repeated lines', f'{fraction:.2f} of lines repeat'
+  if not (clean_cfg.max_repeated_ngram_fraction or clean_cfg.max_symbol_word_ratio):
+    return None
   words = _WORD.findall(text)
   if clean_cfg.max_repeated_ngram_fraction:
     fraction = repeated_ngram_fraction(words, clean_cfg.ngram_size)
