@@ -11,8 +11,13 @@ logical names too ('act_batch', ...). Which mesh axis each name lands on is
 decided by the rules in `jaxgpt.sharding`, never here, so this module imports
 no training code.
 
+Decoding passes a key/value cache (`init_cache`) in and out: each block
+writes the new tokens' keys and values at their positions and attends over the
+whole cache. Training passes no cache and runs exactly the code it always ran.
+
 Shape suffixes in names: B batch, T sequence, D embed, H query heads, G kv
-heads, K head dim, M mlp hidden, V vocab, N = B*T flattened tokens.
+heads, K head dim, M mlp hidden, V vocab, N = B*T flattened tokens, L layers,
+S cache slots.
 """
 
 import dataclasses
@@ -91,6 +96,21 @@ def attention_mask(segment_ids_BxT):
   return (causal_TxT[None] & same_doc_BxTxT)[:, None]  # B x 1 x T x T
 
 
+def cache_mask(positions_BxT, cache_len: int):
+  """Causal mask over cache slots: a token at position p sees slots 0..p.
+
+  Slots past p may hold padding written during a batched prefill; they are
+  overwritten before any query can see them.
+  """
+  return (positions_BxT[:, :, None] >= jnp.arange(cache_len))[:, None]  # B x 1 x T x S
+
+
+def init_cache(cfg: 'ModelConfig', batch: int, length: int) -> dict:
+  """Empty key/value cache of `length` slots, stacked over layers: {'key', 'value'}: L x B x S x G x K."""
+  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+  return {'key': jnp.zeros(shape, cfg.dtype), 'value': jnp.zeros(shape, cfg.dtype)}
+
+
 def rotary(x_BxTxHxK, positions_BxT, theta: float):
   """Rotary position embedding (RoPE), rotating pairs (i, i + K/2) of each head."""
   K = x_BxTxHxK.shape[-1]
@@ -107,8 +127,13 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1xTxT, positions_BxT):
-    """Returns (x, None): the (carry, output) pair that nn.scan expects."""
+  def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, cache=None):
+    """Returns (x, cache): the (carry, output) pair that nn.scan expects.
+
+    Without a cache, attention is over the T tokens given (S = T). With one
+    ({'key', 'value'}: B x S x G x K), the new keys and values are written at
+    `positions` and attention is over all S slots.
+    """
     cfg = self.cfg
     B, T, D = x_BxTxD.shape
     H, G, K, M = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim
@@ -139,8 +164,15 @@ class Block(nn.Module):
       if cfg.position == 'rope' and name != 'value':
         y_BxTxHxK = rotary(y_BxTxHxK, positions_BxT, cfg.rope_theta)
       qkv.append(nn.with_logical_constraint(y_BxTxHxK, ('act_batch', 'act_length', 'act_heads', 'act_kv')))
+    query_BxTxHxK, key_BxSxGxK, value_BxSxGxK = qkv
+    if cache is not None:
+      rows_Bx1 = jnp.arange(B)[:, None]
+      cache = {name: nn.with_logical_constraint(cache[name].at[rows_Bx1, positions_BxT].set(new),
+                                                ('act_batch', 'act_length', 'act_heads', 'act_kv'))
+               for name, new in (('key', key_BxSxGxK), ('value', value_BxSxGxK))}
+      key_BxSxGxK, value_BxSxGxK = cache['key'], cache['value']
     # Grouped-query attention: dot_product_attention shares each kv head across H // G query heads.
-    attn_BxTxHxK = jax.nn.dot_product_attention(*qkv, mask=mask_Bx1xTxT)
+    attn_BxTxHxK = jax.nn.dot_product_attention(query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask=mask_Bx1xTxS)
     w_HxKxD = weight('out', (H, K, D), ('heads', 'kv', 'embed'), resid_std)
     attn_NxD = jnp.einsum('nhk,hkd->nd', attn_BxTxHxK.reshape(B * T, H, K), w_HxKxD)
     attn_NxD = dropout(attn_NxD + bias('out_bias', (D,), ('embed',)))
@@ -158,7 +190,7 @@ class Block(nn.Module):
     down_NxD = hidden_NxM @ weight('mlp_down', (M, D), ('mlp', 'embed'), resid_std)
     down_NxD = dropout(down_NxD + bias('mlp_down_bias', (D,), ('embed',)))
     x_BxTxD = x_BxTxD + down_NxD.reshape(B, T, D)
-    return nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed')), None
+    return nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed')), cache
 
 
 _REMAT_POLICIES = {
@@ -172,12 +204,14 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None,
-               deterministic: bool = True):
-    """Returns float32 logits [B, T, V].
+               deterministic: bool = True, cache=None):
+    """Returns float32 logits [B, T, V], or (logits, updated cache) when given a cache.
 
     segment_ids and positions come from packing several documents into one
     row: attention stays inside a document and positions restart at each one.
-    Without them the row is one document starting at position 0.
+    Without them the row is one document starting at position 0. With a cache
+    (from `init_cache`, one document per row) positions say which slots the
+    tokens fill; segment ids are not used.
     """
     cfg = self.cfg
     B, T = tokens_BxT.shape
@@ -193,7 +227,10 @@ class GPT(nn.Module):
       x_BxTxD = x_BxTxD + wpe_TxD[positions_BxT]
     x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD.astype(cfg.dtype), deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed'))
-    mask_Bx1xTxT = attention_mask(segment_ids_BxT)
+    if cache is None:
+      mask_Bx1xTxS = attention_mask(segment_ids_BxT)
+    else:
+      mask_Bx1xTxS = cache_mask(positions_BxT, cache['key'].shape[2])
 
     block = Block
     if cfg.remat != 'none':
@@ -201,12 +238,18 @@ class GPT(nn.Module):
     if cfg.scan_layers:
       # One compiled block, applied num_layers times: compile time does not grow with depth.
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, _ = stack(cfg, deterministic, name='blocks')(x_BxTxD, mask_Bx1xTxT, positions_BxT)
+      x_BxTxD, cache = stack(cfg, deterministic, name='blocks')(x_BxTxD, mask_Bx1xTxS, positions_BxT, cache)
     else:
+      layer_caches = []
       for i in range(cfg.num_layers):
-        x_BxTxD, _ = block(cfg, deterministic, name=f'block_{i}')(x_BxTxD, mask_Bx1xTxT, positions_BxT)
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x_BxTxD, layer_cache = block(cfg, deterministic, name=f'block_{i}')(
+            x_BxTxD, mask_Bx1xTxS, positions_BxT, layer_cache)
+        layer_caches.append(layer_cache)
+      if cache is not None:
+        cache = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
 
     x_NxD = Norm(cfg.norm, name='ln_final')(x_BxTxD).reshape(B * T, -1).astype(jnp.float32)
     if cfg.tie_embeddings:  # GPT-2 reuses the input embedding as the output projection
@@ -215,7 +258,8 @@ class GPT(nn.Module):
       logits_NxV = x_NxD @ self.param('output', _normal(0.02, ('embed', 'vocab')), (cfg.embed_dim, cfg.vocab_size))
     # Logits in float32 so the softmax is stable in bf16 runs.
     logits_BxTxV = logits_NxV.reshape(B, T, cfg.vocab_size)
-    return nn.with_logical_constraint(logits_BxTxV, ('act_batch', 'act_length', 'act_vocab'))
+    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ('act_batch', 'act_length', 'act_vocab'))
+    return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
 
 def num_params(params) -> int:

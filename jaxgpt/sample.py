@@ -1,12 +1,21 @@
 """Text generation from a trained run: `python -m jaxgpt.sample --workdir DIR --prompt "..."`.
 
-Decoding re-runs the model over a fixed-size buffer for every new token, inside
-one jitted loop: fixed shapes mean one compilation for any prompt. (A KV cache
-is the planned speed-up.) Prompts of different lengths decode together in a batch.
+Decoding is a prefill of the prompts into a fixed-size key/value cache, then a
+jitted `lax.while_loop` that feeds one token per row per step. Prompts of
+different lengths decode together: each row writes at its own position. Every
+row has its own sampling settings (greedy, temperature, top-k, top-p, seed,
+stop sequences, max new tokens), so a server can batch unrelated requests, and
+a row's result does not depend on what else is in the batch: its random key
+is derived from its own seed and position only.
+
+Shapes are rounded up to powers of two (prompt buffer, cache, stop table), so
+a few compilations serve any mix of prompts. `stream` runs the loop in chunks
+and yields the new tokens after each; `generate` runs it to the end.
 """
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,67 +24,266 @@ from absl import flags
 
 from jaxgpt import state
 from jaxgpt.config import JaxgptError, run_cli
-from jaxgpt.model import GPT
+from jaxgpt.model import GPT, init_cache
 
 
-def generate(model: GPT, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float, top_k: int, eos_id: int, seed: int) -> list[list[int]]:
-  """Continues each prompt (token ids) by up to `max_new_tokens`, stopping at EOS.
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How one prompt is continued."""
+  max_new_tokens: int = 64
+  temperature: float = 0.0  # 0 is greedy
+  top_k: int = 0  # sample among the k most likely tokens; 0 = no limit
+  top_p: float = 1.0  # nucleus: the smallest set of tokens holding this much probability
+  seed: int = 0
+  stop: tuple[str, ...] = ()  # text that ends the continuation (not included in it)
 
-  temperature 0 is greedy; top_k 0 samples from the whole vocabulary.
-  """
+
+@dataclasses.dataclass
+class Continuation:
+  tokens: list[int]
+  finish_reason: str  # 'stop' (EOS or a stop sequence) or 'length' (max_new_tokens reached)
+
+
+def _pow2_at_least(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _start(model: GPT, prompts, samplings, stop_tokens, use_cache: bool):
+  """The decode state before prefill: buffers on the host, shapes rounded up."""
   max_len = model.cfg.max_len
-  keep = max_len - max_new_tokens
-  if keep < 1:
-    raise JaxgptError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in the '
-                      f'{max_len}-token context. Ask for fewer than {max_len} new tokens.')
-  prompts = [list(p)[-keep:] for p in prompts]  # the model sees at most max_len tokens
-  if any(len(p) == 0 for p in prompts):
+  for s in samplings:
+    if not 0 < s.max_new_tokens < max_len:
+      raise JaxgptError(f'max_new_tokens={s.max_new_tokens} must be between 1 and {max_len - 1} '
+                        f'(the context is {max_len} tokens and the prompt needs at least one).')
+  # The model sees at most max_len tokens: keep the end of a prompt that is too long.
+  prompts = [list(p)[-(max_len - s.max_new_tokens):] for p, s in zip(prompts, samplings)]
+  if not prompts or any(len(p) == 0 for p in prompts):
     raise JaxgptError('a prompt is empty after tokenization; give at least one token.')
-  buffer = np.zeros((len(prompts), max_len), np.int32)
+  B = len(prompts)
+  S = min(max_len, _pow2_at_least(max(len(p) + s.max_new_tokens for p, s in zip(prompts, samplings)), 16))
+  tokens_BxS = np.zeros((B, S), np.int32)
   for row, prompt in enumerate(prompts):
-    buffer[row, :len(prompt)] = prompt
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  tokens, lengths = _decode_loop(model, params, jnp.asarray(buffer), jnp.asarray(lengths),
-                                 jax.random.key(seed), max_new_tokens, float(temperature),
-                                 int(top_k), int(eos_id))
-  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-  return [tokens[r, len(p):lengths[r]].tolist() for r, p in enumerate(prompts)]
+    tokens_BxS[row, :len(prompt)] = prompt
+  # Stop sequences, right-aligned in a B x N x L table; -1 pads (matches anything).
+  N = _pow2_at_least(max(len(rows) for rows in stop_tokens))
+  L = _pow2_at_least(max((len(seq) for rows in stop_tokens for seq in rows), default=1))
+  stop_BxNxL = np.full((B, N, L), -1, np.int32)
+  for row, sequences in enumerate(stop_tokens):
+    for n, seq in enumerate(sequences):
+      if seq:
+        stop_BxNxL[row, n, L - len(seq[-L:]):] = seq[-L:]
+  lengths_B = np.array([len(p) for p in prompts], np.int32)
+  decode_state = {
+      'tokens': tokens_BxS, 'lengths': lengths_B, 'prompt_lengths': lengths_B.copy(),
+      'max_new': np.array([s.max_new_tokens for s in samplings], np.int32),
+      'temperature': np.array([s.temperature for s in samplings], np.float32),
+      'top_k': np.array([s.top_k for s in samplings], np.int32),
+      'top_p': np.array([s.top_p for s in samplings], np.float32),
+      'seed': np.array([s.seed for s in samplings], np.uint32),
+      'stop': stop_BxNxL, 'stopped': np.zeros(B, bool), 'done': np.zeros(B, bool),
+      'step': np.zeros((), np.int32),
+  }
+  prefill_len = min(S, _pow2_at_least(int(lengths_B.max()), 16))
+  if use_cache:
+    decode_state['cache'] = init_cache(model.cfg, B, S)
+  return decode_state, prefill_len
 
 
-def sample_token(logits_BxV, rng, temperature: float, top_k: int):
-  if temperature == 0.0:
-    return jnp.argmax(logits_BxV, axis=-1)
-  logits_BxV = logits_BxV / temperature
-  if top_k:
-    kth_largest = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth_largest, -jnp.inf, logits_BxV)
-  return jax.random.categorical(rng, logits_BxV, axis=-1)
+def sample_tokens(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B):
+  """One token per row with that row's settings; temperature 0 rows are greedy."""
+  V = logits_BxV.shape[-1]
+  greedy_B = jnp.argmax(logits_BxV, axis=-1)
+  scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+  sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
+  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+  kth_Bx1 = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)
+  # The nucleus ends at the first sorted token whose cumulative probability reaches top_p.
+  cumulative_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+  last_B = jnp.minimum(jnp.sum(cumulative_BxV < top_p_B[:, None], axis=-1), V - 1)
+  nucleus_Bx1 = jnp.take_along_axis(sorted_BxV, last_B[:, None], axis=-1)
+  threshold_Bx1 = jnp.maximum(kth_Bx1, nucleus_Bx1)
+  masked_BxV = jnp.where(scaled_BxV < threshold_Bx1, -jnp.inf, scaled_BxV)
+  sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
+  return jnp.where(temperature_B > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-def _decode_loop(model, params, tokens_BxT, lengths_B, rng, max_new_tokens, temperature, top_k, eos_id):
-  B = tokens_BxT.shape[0]
-
-  def step(i, carry):
-    tokens_BxT, lengths_B, done_B = carry
-    logits_BxTxV = model.apply({'params': params}, tokens_BxT)
-    last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    next_B = sample_token(last_BxV, jax.random.fold_in(rng, i), temperature, top_k).astype(jnp.int32)
-    write_B = ~done_B
-    tokens_BxT = tokens_BxT.at[jnp.arange(B), lengths_B].set(
-        jnp.where(write_B, next_B, tokens_BxT[jnp.arange(B), lengths_B]))
-    lengths_B = lengths_B + write_B
-    done_B = done_B | (next_B == eos_id)
-    return tokens_BxT, lengths_B, done_B
-
-  done_B = jnp.zeros((B,), bool)
-  tokens_BxT, lengths_B, _ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens_BxT, lengths_B, done_B))
-  return tokens_BxT, lengths_B
+def _ends_with_stop(tokens_BxS, lengths_B, prompt_lengths_B, stop_BxNxL):
+  """Whether each row's generated tokens now end with one of its stop sequences."""
+  L = stop_BxNxL.shape[-1]
+  index_BxL = lengths_B[:, None] - L + jnp.arange(L)
+  window_BxL = jnp.take_along_axis(tokens_BxS, jnp.maximum(index_BxL, 0), axis=1)
+  generated_BxL = index_BxL >= prompt_lengths_B[:, None]
+  matches_BxNxL = (stop_BxNxL == -1) | ((window_BxL[:, None] == stop_BxNxL) & generated_BxL[:, None])
+  has_stop_BxN = (stop_BxNxL != -1).any(-1)
+  return (matches_BxNxL.all(-1) & has_stop_BxN).any(-1)
 
 
-def decode_text(tokenizer, continuation: list[int]) -> str:
-  return tokenizer.decode([t for t in continuation if t != tokenizer.eos_id])
+def _next_logits(model, params, decode_state, new_tokens_BxT, positions_BxT):
+  """Logits after the tokens just written, and the updated state.
+
+  With a cache only the new tokens run through the model; without one the whole
+  buffer does, which is what the cache saves (kept for tests and benchmarks).
+  """
+  last_B = decode_state['lengths'] - 1
+  if 'cache' in decode_state:
+    logits_BxTxV, cache = model.apply({'params': params}, new_tokens_BxT, positions_BxT=positions_BxT,
+                                      cache=decode_state['cache'])
+    decode_state = {**decode_state, 'cache': cache}
+    last_B = last_B - positions_BxT[:, 0]
+  else:
+    logits_BxTxV = model.apply({'params': params}, decode_state['tokens'])
+  return jnp.take_along_axis(logits_BxTxV, last_B[:, None, None], axis=1)[:, 0], decode_state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _prefill(model, params, decode_state, prefill_len):
+  B = decode_state['tokens'].shape[0]
+  positions_BxT = jnp.broadcast_to(jnp.arange(prefill_len), (B, prefill_len))
+  logits_BxV, decode_state = _next_logits(model, params, decode_state,
+                                          decode_state['tokens'][:, :prefill_len], positions_BxT)
+  return {**decode_state, 'logits': logits_BxV}
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _decode(model, params, decode_state, until_step):
+  """Samples and feeds one token per unfinished row until all are done or `until_step`."""
+  rows_B = jnp.arange(decode_state['tokens'].shape[0])
+
+  def step(s):
+    lengths_B, done_B = s['lengths'], s['done']
+    keys_B = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.key(seed), position))(
+        s['seed'], lengths_B)
+    next_B = sample_tokens(s['logits'], keys_B, s['temperature'], s['top_k'], s['top_p'])
+    tokens_BxS = s['tokens'].at[rows_B, lengths_B].set(jnp.where(done_B, s['tokens'][rows_B, lengths_B], next_B))
+    new_lengths_B = lengths_B + ~done_B
+    stopped_B = s['stopped'] | (~done_B & _ends_with_stop(tokens_BxS, new_lengths_B, s['prompt_lengths'], s['stop']))
+    s = {**s, 'tokens': tokens_BxS, 'lengths': new_lengths_B, 'stopped': stopped_B,
+         'done': stopped_B | (new_lengths_B - s['prompt_lengths'] >= s['max_new']), 'step': s['step'] + 1}
+    # A finished row feeds a token at its last position too: harmless, as nothing reads that row again.
+    logits_BxV, s = _next_logits(model, params, s, next_B[:, None], (new_lengths_B - 1)[:, None])
+    return {**s, 'logits': logits_BxV}
+
+  return jax.lax.while_loop(lambda s: ~s['done'].all() & (s['step'] < until_step), step, decode_state)
+
+
+def stream(model: GPT, params, prompts: Sequence[Sequence[int]], sampling: Sampling | Sequence[Sampling], *,
+           eos_id: int, stop_tokens: Sequence[Sequence[Sequence[int]]] | None = None, use_cache: bool = True,
+           chunk: int = 0) -> Iterator[list[Continuation]]:
+  """Yields, every `chunk` decode steps (0: only at the end), each row's new tokens since the last yield.
+
+  `prompts` are token ids; `stop_tokens[row]` lists token sequences that end
+  that row, as EOS always does. Stop sequences and EOS are never yielded. A
+  row's finish_reason is set in the yield where it finishes, else None.
+  """
+  samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
+  stops = [[*map(list, rows), [eos_id]] for rows in (stop_tokens or [[]] * len(prompts))]
+  decode_state, prefill_len = _start(model, prompts, samplings, stops, use_cache)
+  decode_state = _prefill(model, params, decode_state, prefill_len)
+  # Tokens that may be the start of a stop sequence are held back until it is clear they are not.
+  held_back = max(len(seq) for rows in stops for seq in rows) - 1
+  emitted_B = np.array(decode_state['prompt_lengths'])
+  finished_B = np.zeros(len(prompts), bool)
+  chunk = chunk or max(s.max_new_tokens for s in samplings)
+  while not finished_B.all():
+    decode_state = _decode(model, params, decode_state, decode_state['step'] + chunk)
+    host = jax.device_get({k: decode_state[k] for k in ('tokens', 'lengths', 'stopped', 'done')})
+    deltas = []
+    for row, (tokens_S, length, stopped, done) in enumerate(
+        zip(host['tokens'], host['lengths'], host['stopped'], host['done'])):
+      if finished_B[row]:
+        deltas.append(Continuation([], None))
+        continue
+      if done:
+        end = _without_stop(tokens_S[:length], stops[row]) if stopped else length
+      else:
+        end = length - held_back
+      end = max(end, emitted_B[row])
+      deltas.append(Continuation(tokens_S[emitted_B[row]:end].tolist(),
+                                 None if not done else 'stop' if stopped else 'length'))
+      emitted_B[row], finished_B[row] = end, done
+    yield deltas
+
+
+def _without_stop(row_tokens, stop_sequences) -> int:
+  """The row's length without the stop sequence it ends with."""
+  for seq in stop_sequences:
+    if len(row_tokens) >= len(seq) and row_tokens[len(row_tokens) - len(seq):].tolist() == seq:
+      return len(row_tokens) - len(seq)
+  return len(row_tokens)
+
+
+def generate(model: GPT, params, prompts: Sequence[Sequence[int]], sampling: Sampling | Sequence[Sampling], *,
+             eos_id: int, stop_tokens=None, use_cache: bool = True) -> list[Continuation]:
+  """Continues each prompt (token ids); see `stream` for the arguments."""
+  results = [Continuation([], None) for _ in prompts]
+  for deltas in stream(model, params, prompts, sampling, eos_id=eos_id, stop_tokens=stop_tokens,
+                       use_cache=use_cache):
+    for result, delta in zip(results, deltas):
+      result.tokens += delta.tokens
+      result.finish_reason = result.finish_reason or delta.finish_reason
+  return results
+
+
+# --- text in, text out ----------------------------------------------------
+
+@dataclasses.dataclass
+class TextContinuation:
+  text: str
+  finish_reason: str | None  # 'stop', 'length', or None while the row is still running
+  num_tokens: int = 0
+
+
+def stream_text(model: GPT, params, tokenizer, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling], *,
+                chunk: int = 0) -> Iterator[list[TextContinuation]]:
+  """`stream` for text: yields each row's new text; stop strings end a row and are cut off.
+
+  Stop strings also stop the decode loop as token sequences; a stop string the
+  model spells with other tokens is still found in the text, and cut there.
+  """
+  samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
+  prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+  stop_tokens = [[tokenizer.encode(text) for text in s.stop if text] for s in samplings]
+  tokens = [[] for _ in prompts]
+  emitted = [''] * len(prompts)
+  finished = [False] * len(prompts)
+  for deltas in stream(model, params, prompt_ids, samplings, eos_id=tokenizer.eos_id, stop_tokens=stop_tokens,
+                       chunk=chunk):
+    out = []
+    for row, delta in enumerate(deltas):
+      if finished[row]:
+        out.append(TextContinuation('', None, len(tokens[row])))
+        continue
+      tokens[row] += delta.tokens
+      text, reason = tokenizer.decode(tokens[row]), delta.finish_reason
+      cut = min((i for i in (text.find(stop) for stop in samplings[row].stop if stop) if i >= 0), default=-1)
+      if cut >= 0:
+        text, reason = text[:cut], 'stop'
+      elif reason is None:
+        # Hold back an incomplete UTF-8 character and anything that may begin a stop string.
+        text = text.rstrip('\ufffd')
+        text = text[:len(text) - _longest_stop_prefix(text, samplings[row].stop)]
+      new_text = text[len(emitted[row]):] if text.startswith(emitted[row]) else ''
+      emitted[row] += new_text
+      finished[row] = reason is not None
+      out.append(TextContinuation(new_text, reason, len(tokens[row])))
+    yield out
+
+
+def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
+  """Length of the longest end of `text` that is the beginning of a stop string."""
+  return max((n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+
+
+def complete(model: GPT, params, tokenizer, prompts: Sequence[str],
+             sampling: Sampling | Sequence[Sampling]) -> list[TextContinuation]:
+  """Continues each text prompt; returns the new text of each."""
+  results = [TextContinuation('', None) for _ in prompts]
+  for deltas in stream_text(model, params, tokenizer, prompts, sampling):
+    for result, delta in zip(results, deltas):
+      result.text += delta.text
+      result.finish_reason = result.finish_reason or delta.finish_reason
+      result.num_tokens = delta.num_tokens
+  return results
 
 
 # --- command line ---------------------------------------------------------
@@ -87,6 +295,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
   flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
   flags.DEFINE_integer('top_k', 40, 'Sample among the k most likely tokens; 0 for all.')
+  flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of tokens holding this probability; 1 for all.')
+  flags.DEFINE_multi_string('stop', [], 'Text that ends a continuation; repeat for several.')
   flags.DEFINE_integer('seed', 0, 'Random seed.')
   flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
 
@@ -96,16 +306,17 @@ def main(argv):
   FLAGS = flags.FLAGS
   if not FLAGS.workdir:
     raise JaxgptError('--workdir is required: the run directory written by jaxgpt.train.')
+  if not 0 < FLAGS.top_p <= 1 or FLAGS.temperature < 0 or FLAGS.top_k < 0:
+    raise JaxgptError('--top_p must be in (0, 1], --temperature and --top_k must not be negative.')
   config, tokenizer = state.load_run(FLAGS.workdir)
   model, params, step = state.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
-  prompts = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in FLAGS.prompt]
-  outputs = generate(model, params, prompts, max_new_tokens=FLAGS.max_new_tokens,
-                     temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                     eos_id=tokenizer.eos_id, seed=FLAGS.seed)
+  sampling = Sampling(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                      top_p=FLAGS.top_p, seed=FLAGS.seed, stop=tuple(FLAGS.stop))
+  outputs = complete(model, params, tokenizer, FLAGS.prompt, sampling)
   print(f'# step {step} of {FLAGS.workdir}')
   for prompt, continuation in zip(FLAGS.prompt, outputs):
     print(f'--- prompt: {prompt!r}')
-    print(prompt + decode_text(tokenizer, continuation))
+    print(prompt + continuation.text)
 
 
 def cli():

@@ -24,7 +24,7 @@ from jaxgpt.data import builder, pipeline
 from jaxgpt.metrics import MetricWriter, format_duration, peak_flops_per_device
 from jaxgpt.model import flops_per_token, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
-from jaxgpt.sample import decode_text, generate
+from jaxgpt.sample import Sampling, complete
 
 RESULTS_FILE = 'results.json'
 
@@ -225,11 +225,10 @@ def _print_samples(model, params, tokenizer, config, writer) -> None:
   prompts = list(config.sample.prompts)
   if not prompts:
     return
-  outputs = generate(model, params, [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts],
-                     max_new_tokens=config.sample.max_new_tokens, temperature=config.sample.temperature,
-                     top_k=config.sample.top_k, eos_id=tokenizer.eos_id, seed=config.seed)
-  for prompt, continuation in zip(prompts, outputs):
-    writer.log(f'--- sample, prompt {prompt!r}\n{prompt}{decode_text(tokenizer, continuation)}')
+  sampling = Sampling(max_new_tokens=config.sample.max_new_tokens, temperature=config.sample.temperature,
+                      top_k=config.sample.top_k, seed=config.seed)
+  for prompt, continuation in zip(prompts, complete(model, params, tokenizer, prompts, sampling)):
+    writer.log(f'--- sample, prompt {prompt!r}\n{prompt}{continuation.text}')
 
 
 def main(argv):

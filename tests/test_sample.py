@@ -1,0 +1,183 @@
+"""KV-cache decoding: the same numbers as the full forward pass, for every architecture option."""
+
+import dataclasses
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, run_module
+from jaxgpt.config import JaxgptError
+from jaxgpt.model import GPT, ModelConfig, init_cache
+from jaxgpt.sample import Sampling, generate, sample_tokens, stream
+
+CFG = ModelConfig(vocab_size=97, max_len=48, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
+LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False, tie_embeddings=False, num_kv_heads=2)
+VARIANTS = {
+    'gpt2': CFG,
+    'rope': dataclasses.replace(CFG, position='rope'),
+    'rmsnorm': dataclasses.replace(CFG, norm='rmsnorm'),
+    'swiglu': dataclasses.replace(CFG, mlp='swiglu'),
+    'gqa': dataclasses.replace(CFG, num_kv_heads=2),
+    'mqa_no_bias_untied': dataclasses.replace(CFG, num_kv_heads=1, use_bias=False, tie_embeddings=False),
+    'llama': dataclasses.replace(CFG, **LLAMA),
+    'gpt2_unscanned': dataclasses.replace(CFG, scan_layers=False),
+    'llama_unscanned_remat': dataclasses.replace(CFG, scan_layers=False, remat='full', **LLAMA),
+}
+EOS = 2
+PROMPTS = [[1, 5, 17, 33], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [1]]
+
+
+def _init(cfg=CFG):
+  """Parameters with a larger spread than the training init, so greedy decoding does not just repeat."""
+  model = GPT(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  return model, jax.tree.map(lambda x: x * 8.0, params)
+
+
+@pytest.mark.parametrize('cfg', VARIANTS.values(), ids=VARIANTS.keys())
+def test_cached_decoding_gives_the_full_forward_logits_at_every_position(cfg):
+  model, params = _init(cfg)
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, 20), 0, cfg.vocab_size)
+  full_BxTxV = jax.jit(model.apply)({'params': params}, tokens_BxT)
+  apply_cached = jax.jit(lambda tokens, positions, cache: model.apply(
+      {'params': params}, tokens, positions_BxT=positions, cache=cache))
+  # Prefill 7 tokens into a 32-slot cache, then feed the rest one at a time.
+  positions = jnp.broadcast_to(jnp.arange(20), (2, 20))
+  logits, cache = apply_cached(tokens_BxT[:, :7], positions[:, :7], init_cache(cfg, 2, 32))
+  pieces = [logits]
+  for t in range(7, 20):
+    logits, cache = apply_cached(tokens_BxT[:, t:t + 1], positions[:, t:t + 1], cache)
+    pieces.append(logits)
+  cached_BxTxV = jnp.concatenate(pieces, axis=1)
+  scale = float(jnp.abs(full_BxTxV).max())
+  assert scale > 1.0  # logits large enough to show a difference
+  # fp32 rounding: differences of a few ulps of the largest logit, summed over the layers.
+  np.testing.assert_allclose(cached_BxTxV, full_BxTxV, atol=1e-5 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['llama', 'gpt2_unscanned'])
+def test_greedy_output_is_the_same_with_and_without_the_cache(name):
+  model, params = _init(VARIANTS[name])
+  sampling = Sampling(max_new_tokens=24)
+  cached = generate(model, params, PROMPTS, sampling, eos_id=EOS)
+  uncached = generate(model, params, PROMPTS, sampling, eos_id=EOS, use_cache=False)
+  assert [c.tokens for c in cached] == [u.tokens for u in uncached]
+  assert all(len(c.tokens) == 24 and c.finish_reason == 'length' for c in cached)
+  assert len({t for c in cached for t in c.tokens}) > 5  # not one token repeated
+
+
+def test_a_batch_gives_each_prompt_the_result_it_gets_alone():
+  model, params = _init(VARIANTS['llama'])
+  # Every row with its own settings: greedy, temperature, top-k, top-p, lengths, seeds.
+  samplings = [Sampling(max_new_tokens=20), Sampling(max_new_tokens=9, temperature=1.0, top_k=5, seed=3),
+               Sampling(max_new_tokens=15, temperature=0.8, top_p=0.9, seed=4)]
+  batched = generate(model, params, PROMPTS, samplings, eos_id=EOS)
+  alone = [generate(model, params, [p], s, eos_id=EOS)[0] for p, s in zip(PROMPTS, samplings)]
+  assert [b.tokens for b in batched] == [a.tokens for a in alone]
+  assert [len(b.tokens) for b in batched] == [20, 9, 15]
+
+
+def test_seed_decides_the_sample():
+  model, params = _init()
+  def run(seed):
+    return generate(model, params, PROMPTS[:1], Sampling(max_new_tokens=16, temperature=1.0, seed=seed),
+                    eos_id=EOS)[0].tokens
+  assert run(7) == run(7)
+  assert run(7) != run(8)
+
+
+def test_stop_sequences_and_eos_end_a_row_and_are_not_returned():
+  model, params = _init()
+  greedy = generate(model, params, PROMPTS, Sampling(max_new_tokens=20), eos_id=EOS)
+  stop = greedy[0].tokens[5:7]  # the greedy continuation of row 0 contains this pair
+  stopped = generate(model, params, PROMPTS, Sampling(max_new_tokens=20), eos_id=EOS,
+                     stop_tokens=[[stop], [], []])
+  tokens = greedy[0].tokens
+  first = next(i for i in range(len(tokens)) if tokens[i:i + 2] == stop)
+  assert stopped[0].tokens == tokens[:first] and stopped[0].finish_reason == 'stop'
+  assert stopped[1].tokens == greedy[1].tokens  # other rows are untouched
+  # The same token as EOS: the row ends before it.
+  eos = greedy[1].tokens[3]
+  ended = generate(model, params, PROMPTS[1:2], Sampling(max_new_tokens=20), eos_id=eos)[0]
+  assert ended.tokens == greedy[1].tokens[:greedy[1].tokens.index(eos)] and ended.finish_reason == 'stop'
+
+
+def test_streaming_in_chunks_yields_the_same_tokens():
+  model, params = _init()
+  sampling = Sampling(max_new_tokens=21, temperature=0.7, seed=1)
+  whole = generate(model, params, PROMPTS, sampling, eos_id=EOS)
+  pieces = [[] for _ in PROMPTS]
+  chunks = 0
+  for deltas in stream(model, params, PROMPTS, sampling, eos_id=EOS, chunk=4):
+    chunks += 1
+    for row, delta in enumerate(deltas):
+      pieces[row] += delta.tokens
+  assert chunks == 6 and pieces == [w.tokens for w in whole]
+
+
+def test_top_k_and_top_p_limit_the_candidates():
+  logits_BxV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 400))
+  keys_B = jax.random.split(jax.random.key(0), 400)
+  def draw(temperature, top_k, top_p):
+    return set(np.asarray(sample_tokens(logits_BxV, keys_B, jnp.full(400, temperature), jnp.full(400, top_k),
+                                        jnp.full(400, top_p))).tolist())
+  assert draw(1.0, 0, 1.0) == {0, 1, 2, 3}
+  assert draw(1.0, 2, 1.0) == {0, 1}
+  assert draw(1.0, 0, 0.7) == {0, 1}  # 0.5 + 0.3 reaches 0.7
+  assert draw(1.0, 0, 0.85) == {0, 1, 2}
+  assert draw(0.0, 0, 1.0) == {0}
+
+
+@pytest.mark.parametrize('sampling,prompts,message', [
+    (Sampling(max_new_tokens=48), PROMPTS, 'max_new_tokens=48 must be between 1 and 47'),
+    (Sampling(max_new_tokens=0), PROMPTS, 'max_new_tokens=0 must be between 1 and 47'),
+    (Sampling(max_new_tokens=4), [[1], []], 'a prompt is empty'),
+])
+def test_bad_requests_are_one_clear_error(sampling, prompts, message):
+  model, params = _init()
+  with pytest.raises(JaxgptError, match=message):
+    generate(model, params, prompts, sampling, eos_id=EOS)
+
+
+def test_a_long_prompt_keeps_its_end():
+  model, params = _init()
+  long_prompt = list(range(3, 3 + 60))  # longer than the 48-token context
+  out = generate(model, params, [long_prompt], Sampling(max_new_tokens=8), eos_id=EOS)[0]
+  tail = generate(model, params, [long_prompt[-40:]], Sampling(max_new_tokens=8), eos_id=EOS)[0]
+  assert out.tokens == tail.tokens and len(out.tokens) == 8
+
+
+def test_sharded_params_decode_like_one_device(tmp_path):
+  """Params sharded over fsdp x tensor (4 fake CPU devices) give the same greedy tokens."""
+  script = tmp_path / 'sharded_decode.py'
+  script.write_text(textwrap.dedent('''
+      import jax
+      jax.config.update('jax_num_cpu_devices', 4)
+      import flax.linen as nn, jax.numpy as jnp
+      import dataclasses
+      from jaxgpt import sharding
+      from jaxgpt.model import GPT, ModelConfig
+      from jaxgpt.sample import Sampling, generate
+      cfg = ModelConfig(vocab_size=96, max_len=48, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                        mlp_dim=64, position='rope', norm='rmsnorm', mlp='swiglu', tie_embeddings=False)
+      model = GPT(cfg)
+      boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+      params = jax.tree.map(lambda x: x * 8.0, nn.unbox(boxed))
+      prompts = [[1, 5, 17, 33], [1, 40, 41, 42, 43, 44], [1], [1, 9]]
+      one = generate(model, params, prompts, Sampling(max_new_tokens=12), eos_id=2)
+      mesh = sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2})
+      shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+      sharded = jax.device_put(params, shardings)
+      assert len(sharded['token_embedding'].sharding.device_set) == 4
+      with sharding.activation_rules(mesh):
+        many = generate(model, sharded, prompts, Sampling(max_new_tokens=12), eos_id=2)
+      assert [o.tokens for o in one] == [m.tokens for m in many], (one, many)
+      print('same tokens', [o.tokens for o in one])
+  '''))
+  result = run_module(str(script.relative_to(tmp_path)).removesuffix('.py'), env={'PYTHONPATH': f'{tmp_path}:{REPO}'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'same tokens' in result.stdout
