@@ -124,6 +124,8 @@ def base_config() -> ConfigDict:
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 3
   c.train.peak_flops_per_device = 0.0  # 0 = look up the device, or measure a matmul on CPU
+  # XLA's persistent compilation cache: a restarted job reuses compiled steps. '' disables it.
+  c.train.compilation_cache_dir = '~/.cache/jaxgpt/xla'
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 takes the devices the other axes leave

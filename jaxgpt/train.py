@@ -7,6 +7,7 @@ workdir resumes from the latest checkpoint, data position included.
 """
 
 import json
+import math
 import os
 import time
 
@@ -89,7 +90,17 @@ def evaluate(eval_step, params, data, config, mesh) -> dict:
     s, n = eval_step(params, sharding.global_batch(next(batches), mesh))
     loss_sum, count = loss_sum + s, count + n
   loss = float(loss_sum / max(float(count), 1.0))
-  return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0)))}
+  # Bits per byte compares models whose tokenizers differ: nats per token, in bits, times the
+  # split's tokens per byte of text.
+  split = data.report['validation']
+  return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))),
+          'bits_per_byte': loss / math.log(2) * split['tokens'] / split['bytes']}
+
+
+def _log_validation(writer, step: int, results: dict) -> None:
+  writer.log(f'step {step}: validation loss {results["loss"]:.3f} | perplexity {results["perplexity"]:.2f} '
+             f'| {results["bits_per_byte"]:.3f} bits/byte')
+  writer.scalars(step, {f'val/{k}': v for k, v in results.items()})
 
 
 def _prepare_workdir(workdir: str, config, tokenizer) -> None:
@@ -122,6 +133,9 @@ def train(config, workdir: str) -> dict:
   validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   sharding.initialize_distributed(config.distributed)
+  if config.train.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.train.compilation_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_divisibility(config, mesh.shape)
@@ -199,8 +213,7 @@ def train(config, workdir: str) -> dict:
         pending, interval_start, interval_steps = [], time.perf_counter(), 0
       if done % config.train.eval_every == 0 or done == steps:
         results = evaluate(eval_step, state.params, data, config, mesh)
-        writer.log(f'step {done}: validation loss {results["loss"]:.3f} | perplexity {results["perplexity"]:.2f}')
-        writer.scalars(done, {'val/loss': results['loss'], 'val/perplexity': results['perplexity']})
+        _log_validation(writer, done, results)
         interval_start = time.perf_counter()
       if done % config.train.checkpoint_every == 0 or done == steps:
         checkpointer.save(done, state, train_batches, meta)
@@ -210,8 +223,7 @@ def train(config, workdir: str) -> dict:
   checkpointer.close()
   if not results:
     results = evaluate(eval_step, state.params, data, config, mesh)
-    writer.log(f'already at step {start}/{steps}: validation loss {results["loss"]:.3f} | '
-               f'perplexity {results["perplexity"]:.2f}')
+    _log_validation(writer, start, results)
   results['step'] = max(start, steps)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:

@@ -18,9 +18,10 @@ def trained(tmp_path_factory):
   """A 10-step run, then the same command resumed to 20 steps."""
   root = tmp_path_factory.mktemp('cli')
   workdir, cache = root / 'run', root / 'cache'
-  first = _train(workdir, cache, '--config.train.num_steps=10')
+  xla_cache = f'--config.train.compilation_cache_dir={root / "xla"}'
+  first = _train(workdir, cache, '--config.train.num_steps=10', xla_cache)
   assert first.returncode == 0, first.stderr[-3000:]
-  second = _train(workdir, cache)
+  second = _train(workdir, cache, xla_cache)
   assert second.returncode == 0, second.stderr[-3000:]
   return workdir, cache, first, second
 
@@ -36,6 +37,12 @@ def test_train_runs_end_to_end_and_reports_validation(trained):
   assert os.listdir(workdir / 'tensorboard')
   results = json.loads((workdir / 'results.json').read_text())
   assert results['step'] == 20 and 2.0 < results['loss'] < 7.0  # below log(512)=6.24 at random
+  assert 0.5 < results['bits_per_byte'] < 5.0 and 'bits/byte' in out
+
+
+def test_compiled_train_step_is_cached_for_the_restart(trained):
+  workdir = trained[0]
+  assert any(name.startswith('jit_train_step') for name in os.listdir(workdir.parent / 'xla'))
 
 
 def test_second_run_resumes_from_the_checkpoint(trained):
