@@ -28,20 +28,21 @@ def _param_count(config) -> int:
 
 
 @pytest.mark.parametrize('name,args,millions', [
-    ('quickstart', (), 4.2), ('llama_tiny', (), 5.05),
+    ('quickstart', (), 4.2), ('llama_tiny', (), 5.05), ('web_text', (), 4.2),
     ('gpt2', ('small',), 124.5), ('gpt2', ('medium',), 354.9), ('gpt2', ('large',), 774.1),
     ('gpt2', ('xl',), 1557.7), ('llama_1b', (), 1104.2),
 ])
 def test_config_validates_and_has_the_intended_size(name, args, millions):
   config = load(name, *args)
   if config.data.source != 'stdlib':
-    config.data.path = '/data/corpus.jsonl'
+    config.data.path = '/data/corpus'
   validate(config)
   assert abs(_param_count(config) / 1e6 - millions) < 0.05
 
 
 def test_every_config_file_is_covered():
-  assert {f[:-3] for f in os.listdir(CONFIGS) if f.endswith('.py')} == {'quickstart', 'gpt2', 'llama_tiny', 'llama_1b'}
+  assert {f[:-3] for f in os.listdir(CONFIGS) if f.endswith('.py')} == {
+      'quickstart', 'gpt2', 'llama_tiny', 'llama_1b', 'web_text'}
 
 
 def test_llama_tiny_trains_through_the_cli(tmp_path, data_cache):
