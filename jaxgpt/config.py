@@ -100,6 +100,7 @@ def base_config() -> ConfigDict:
   c.model.mlp = 'gelu'  # 'gelu' or 'swiglu'
   c.model.use_bias = True
   c.model.tie_embeddings = True  # output projection = token embedding transposed
+  c.model.attention = 'auto'  # 'auto' (cuDNN on GPU where it applies, else XLA), 'xla' or 'cudnn'
   c.model.dropout_rate = 0.0
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.scan_layers = True  # compile time independent of depth
@@ -227,7 +228,8 @@ def validate(config: ConfigDict) -> None:
   if not 0 < d.val_fraction < 1:
     problems.append(f'data.val_fraction={d.val_fraction} must be between 0 and 1')
   for field, allowed in (('remat', ('none', 'full', 'dots')), ('position', ('learned', 'rope')),
-                         ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu'))):
+                         ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
+                         ('attention', ('auto', 'xla', 'cudnn'))):
     if m[field] not in allowed:
       problems.append(f'model.{field}={m[field]!r} is not one of {", ".join(map(repr, allowed))}')
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:

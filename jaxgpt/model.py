@@ -41,6 +41,7 @@ class ModelConfig:
   norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
   mlp: str = 'gelu'  # 'gelu' | 'swiglu'
   use_bias: bool = True
+  attention: str = 'auto'  # 'auto' (cuDNN flash attention on GPU when it applies, else XLA) | 'xla' | 'cudnn'
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
   dtype: str = 'float32'  # compute dtype; parameters are always float32
@@ -172,7 +173,9 @@ class Block(nn.Module):
                for name, new in (('key', key_BxSxGxK), ('value', value_BxSxGxK))}
       key_BxSxGxK, value_BxSxGxK = cache['key'], cache['value']
     # Grouped-query attention: dot_product_attention shares each kv head across H // G query heads.
-    attn_BxTxHxK = jax.nn.dot_product_attention(query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask=mask_Bx1xTxS)
+    attn_BxTxHxK = jax.nn.dot_product_attention(
+        query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask=mask_Bx1xTxS,
+        implementation=None if cfg.attention == 'auto' else cfg.attention)
     w_HxKxD = weight('out', (H, K, D), ('heads', 'kv', 'embed'), resid_std)
     attn_NxD = jnp.einsum('nhk,hkd->nd', attn_BxTxHxK.reshape(B * T, H, K), w_HxKxD)
     attn_NxD = dropout(attn_NxD + bias('out_bias', (D,), ('embed',)))
