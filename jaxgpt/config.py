@@ -148,6 +148,12 @@ def base_config() -> ConfigDict:
   c.sample.max_new_tokens = 64
   c.sample.temperature = 0.8
   c.sample.top_k = 40
+
+  # Generation metrics during training (jaxgpt.evaluate computes them, and more, afterwards).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.references = ''  # JSONL of {"prompt", "reference"}: BLEU/ROUGE at every validation; '' = off
+  c.eval.max_examples = 32  # the first examples of the file
+  c.eval.max_new_tokens = 32  # greedy continuation length per prompt
   return c
 
 

@@ -22,6 +22,7 @@ from jaxgpt import sharding, state as state_lib
 from jaxgpt.checkpoint import Checkpointer, check_compatible
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
 from jaxgpt.data import builder, pipeline
+from jaxgpt.evaluate import generation_metrics, read_references
 from jaxgpt.metrics import MetricWriter, format_duration, peak_flops_per_device
 from jaxgpt.model import flops_per_token, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
@@ -154,6 +155,8 @@ def train(config, workdir: str) -> dict:
   tx = make_optimizer(config.optim, steps)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
   meta = state_lib.checkpoint_meta(config, tokenizer)
+  # Read now, so that a bad references file fails before training rather than at the first validation.
+  references = read_references(config.eval.references)[:config.eval.max_examples] if config.eval.references else []
   train_batches = pipeline.make_iterator(
       data.chunks('train', config.seq_len + 1), seq_len=config.seq_len, seed=config.seed,
       shuffle=config.data.shuffle, local_batch_size=config.batch_size // jax.process_count())
@@ -213,6 +216,8 @@ def train(config, workdir: str) -> dict:
         pending, interval_start, interval_steps = [], time.perf_counter(), 0
       if done % config.train.eval_every == 0 or done == steps:
         results = evaluate(eval_step, state.params, data, config, mesh)
+        if references:
+          _log_generation_metrics(writer, done, model, state.params, tokenizer, references, config.eval)
         _log_validation(writer, done, results)
         interval_start = time.perf_counter()
       if done % config.train.checkpoint_every == 0 or done == steps:
@@ -231,6 +236,14 @@ def train(config, workdir: str) -> dict:
   _print_samples(model, state.params, tokenizer, config, writer)
   writer.close()
   return results
+
+
+def _log_generation_metrics(writer, step, model, params, tokenizer, references, eval_cfg) -> None:
+  metrics, _ = generation_metrics(model, params, tokenizer, references,
+                                  Sampling(max_new_tokens=eval_cfg.max_new_tokens))
+  writer.log(f'step {step}: BLEU {metrics["bleu"]:.2f} | ROUGE-1 {metrics["rouge1"]:.4f} | '
+             f'ROUGE-L {metrics["rougeL"]:.4f} on {len(references)} references')
+  writer.scalars(step, {f'val/{name}': value for name, value in metrics.items()})
 
 
 def _print_samples(model, params, tokenizer, config, writer) -> None:

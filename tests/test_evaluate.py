@@ -1,0 +1,99 @@
+"""Evaluation: perplexity and bits per byte, BLEU and ROUGE, samples files, the command."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import optax
+
+from conftest import run_module
+from jaxgpt import state
+from jaxgpt.evaluate import generation_metrics, language_model_metrics
+from jaxgpt.sample import Sampling, complete
+
+
+def test_perplexity_and_bits_per_byte_match_a_direct_computation(trained_run):
+  config, tokenizer = state.load_run(trained_run)
+  model, params, _ = state.load_params(config, tokenizer, trained_run)
+  text = 'def add(a, b):\n    return a + b\n' * 12  # longer than seq_len=64 tokens: several windows
+  doc = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+  assert len(doc) > 2 * config.seq_len
+  metrics = language_model_metrics(model, params, [doc], len(text.encode()), config.seq_len, batch_size=2)
+  # Directly: each token after the first predicted once, with the context restarting every seq_len tokens.
+  total = 0.0
+  for start in range(0, len(doc) - 1, config.seq_len):
+    window = np.array(doc[start:start + config.seq_len + 1])[None]
+    logits = model.apply({'params': params}, window[:, :-1])
+    total += float(optax.softmax_cross_entropy_with_integer_labels(logits, window[:, 1:]).sum())
+  assert metrics['tokens'] == len(doc) - 1
+  np.testing.assert_allclose(metrics['loss'], total / (len(doc) - 1), rtol=1e-5)
+  np.testing.assert_allclose(metrics['bits_per_byte'], total / math.log(2) / len(text.encode()), rtol=1e-5)
+  assert math.isclose(metrics['perplexity'], math.exp(metrics['loss']))
+
+
+def test_bleu_and_rouge_are_perfect_on_the_models_own_output_and_lower_elsewhere(trained_run):
+  config, tokenizer = state.load_run(trained_run)
+  model, params, _ = state.load_params(config, tokenizer, trained_run)
+  # Sampled (a 10-step model's greedy output is mostly blank lines), with a fixed seed, so the same
+  # continuation comes back; several words each, as BLEU counts up to 4-grams.
+  sampling = Sampling(max_new_tokens=48, temperature=1.0, seed=1)
+  prompts = ['import os\n', 'def main(', 'class Foo']
+  own = [c.text for c in complete(model, params, tokenizer, prompts, sampling)]
+  examples = [{'prompt': p, 'reference': o} for p, o in zip(prompts, own)]
+  perfect, samples = generation_metrics(model, params, tokenizer, examples, sampling)
+  assert all(len(o.split()) >= 4 for o in own), own
+  assert perfect['bleu'] > 99.9 and perfect['rouge1'] > 0.999 and perfect['rougeL'] > 0.999
+  assert [s['output'] for s in samples] == own
+  other = [{'prompt': p, 'reference': 'the quick brown fox jumps over the lazy dog'} for p in prompts]
+  worse, _ = generation_metrics(model, params, tokenizer, other, sampling)
+  assert worse['bleu'] < 5.0 and worse['rouge1'] < 0.3
+
+
+def test_evaluate_command_writes_results_samples_and_tensorboard(trained_run, tmp_path):
+  references = tmp_path / 'refs.jsonl'
+  references.write_text('{"prompt": "import ", "reference": "import os"}\n'
+                        '{"prompt": "def f(", "reference": "def f(x):\\n    return x"}\n')
+  texts = tmp_path / 'texts'
+  texts.mkdir()
+  (texts / 'a.txt').write_text('import sys\nprint(sys.argv)\n')
+  result = run_module('jaxgpt.evaluate', '--workdir', trained_run, '--references', str(references),
+                      '--text', str(texts), '--max_new_tokens', '8')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'bits per byte' in result.stdout and 'BLEU' in result.stdout
+  directory = os.path.join(trained_run, 'eval', 'step_10')
+  results = json.load(open(os.path.join(directory, 'results.json')))
+  assert results['bytes'] == len('import sys\nprint(sys.argv)\n') and 0 < results['bits_per_byte'] < 10
+  assert 0 <= results['bleu'] <= 100 and 0 <= results['rougeL'] <= 1
+  samples = [json.loads(line) for line in open(os.path.join(directory, 'samples.jsonl'))]
+  assert [s['prompt'] for s in samples] == ['import ', 'def f('] and all('output' in s for s in samples)
+  assert '**Reference**' in open(os.path.join(directory, 'samples.md')).read()
+  assert os.listdir(os.path.join(trained_run, 'tensorboard'))
+
+
+def test_evaluate_on_the_held_out_split(trained_run):
+  result = run_module('jaxgpt.evaluate', '--workdir', trained_run, '--max_docs', '3', '--max_new_tokens', '4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'on the held-out split' in result.stdout
+  results = json.load(open(os.path.join(trained_run, 'eval', 'step_10', 'results.json')))
+  assert 2.0 < results['loss'] < 7.0 and 0 < results['bits_per_byte'] < 5  # below log(512) = 6.24 at random
+
+
+def test_bad_references_file_is_one_clear_error(trained_run, tmp_path):
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": 3}\n')
+  result = run_module('jaxgpt.evaluate', '--workdir', trained_run, '--references', str(bad))
+  assert result.returncode == 2 and 'bad.jsonl:2 needs string fields "prompt" and "reference"' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_training_reports_bleu_and_rouge_when_given_references(tiny_config, tmp_path, capsys):
+  from jaxgpt.train import train
+  references = tmp_path / 'refs.jsonl'
+  references.write_text('{"prompt": "import ", "reference": "import os"}\n')
+  tiny_config.eval.references, tiny_config.eval.max_new_tokens = str(references), 4
+  tiny_config.train.num_steps = tiny_config.train.checkpoint_every = 2
+  train(tiny_config, str(tmp_path / 'run'))
+  out = capsys.readouterr().out
+  assert 'step 2: BLEU' in out and 'ROUGE-L' in out and 'on 1 references' in out
