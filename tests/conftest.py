@@ -69,3 +69,14 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
   full_env = {**os.environ, **(env or {})}
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=full_env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory, data_cache):
+  """A tiny run trained for 10 steps, shared by the evaluate and serve tests."""
+  from jaxgpt.train import train
+  config = apply_overrides(quickstart.get_config(), {**TINY_OVERRIDES, 'train.num_steps': 10})
+  config.data.cache_dir = data_cache
+  workdir = str(tmp_path_factory.mktemp('trained_run'))
+  train(config, workdir)
+  return workdir
