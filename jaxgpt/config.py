@@ -36,6 +36,15 @@ def base_config() -> ConfigDict:
   c.data.instruction_field = ''
   c.data.response_field = ''
   c.data.instruction_format = '<|user|>\n{instruction}\n<|assistant|>\n{response}'
+  # Instruction tuning: 'alpaca' (instruction, optional input, output) or 'chat' (messages with roles)
+  # JSONL, rendered with data.template; only the responses (and their end markers) are trained on.
+  c.data.format = 'text'  # 'text' (text_field, or instruction_field + response_field), 'alpaca' or 'chat'
+  c.data.template = ml_collections.ConfigDict()
+  c.data.template.system = '<|system|>\n{content}\n'
+  c.data.template.user = '<|user|>\n{content}\n'
+  c.data.template.assistant = '<|assistant|>\n'  # opens each response; the prompt ends with it
+  c.data.template.end = '<|end|>\n'  # closes each response, trained so the model learns to stop
+  c.data.template.alpaca_input = '{instruction}\n\n{input}'  # an Alpaca record's user turn when it has an input
   c.data.tfds_name = ''  # source='tfds': a dataset prepared as array_record, e.g. 'my_corpus' or 'my_corpus:1.0.0'
   c.data.tfds_split = 'train'  # the TFDS split read; train/validation are then split here by hash
   c.data.max_docs = 0  # 0 = every document; a cap makes small experiments fast
@@ -85,6 +94,14 @@ def base_config() -> ConfigDict:
   c.data.safety.blocked_words = ()  # whole words (any case) that make a document profane
   c.data.safety.blocked_words_file = ''  # more such words, one per line
   c.data.safety.scrub_pii = False  # e-mail addresses, phone numbers, IP addresses -> <EMAIL>, <PHONE>, <IP>
+
+  # Fine-tuning (docs/finetuning.md): start from a base model, trained with that model's tokenizer.
+  c.init_from = ''  # a Hugging Face directory (GPT-2, Llama) or a jaxgpt run directory; '' = random init
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # 0 = full fine-tuning; > 0 trains only rank-r adapters on lora.targets (needs init_from)
+  c.lora.alpha = 16.0  # the adapters' update is scaled by alpha / rank
+  c.lora.dropout = 0.0  # DropConnect on the adapters' A matrices during training (jaxgpt/lora.py says why)
+  c.lora.targets = ('query', 'value')  # of query, key, value, out, mlp_up, mlp_gate, mlp_down
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4

@@ -5,6 +5,7 @@ model's logical axis names, so no device ever holds a full unsharded copy of
 a model that was meant to be split.
 """
 
+import dataclasses
 import json
 import os
 
@@ -15,10 +16,10 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
-from jaxgpt import sharding
+from jaxgpt import hf, sharding
 from jaxgpt.checkpoint import SHAPE_FIELDS, Checkpointer
 from jaxgpt.config import JaxgptError
-from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe
 from jaxgpt.model import GPT, ModelConfig
 from jaxgpt.optim import make_optimizer
 
@@ -71,6 +72,57 @@ def checkpoint_meta(config, tokenizer: Tokenizer) -> dict:
       'tokenizer_fingerprint': tokenizer.fingerprint,
       'model_shape': {**{k: config.model[k] for k in SHAPE_FIELDS}, 'vocab_size': tokenizer.vocab_size},
   }
+
+
+def write_run_files(workdir: str, config, tokenizer: Tokenizer) -> None:
+  """The config and tokenizer that make `workdir` a run directory (`load_run` reads them)."""
+  tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json(indent=2))
+
+
+def save_initial_run(config, tokenizer: Tokenizer, params, workdir: str) -> None:
+  """A run directory whose step-0 checkpoint holds `params` (stacked layers) and a fresh optimizer."""
+  os.makedirs(workdir, exist_ok=True)
+  write_run_files(workdir, config, tokenizer)
+  params = hf.params_in_layout(jax.tree.map(jnp.asarray, params), config.model.scan_layers)
+  tx = make_optimizer(config.optim, config.train.num_steps)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  checkpointer = Checkpointer(workdir, keep=1)
+  checkpointer.save(0, state, None, checkpoint_meta(config, tokenizer))
+  checkpointer.wait()
+  checkpointer.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+  """What `config.init_from` names: the model fields that shape it, its tokenizer and its params."""
+  shape: dict
+  tokenizer: Tokenizer
+  params: dict  # layers stacked, as nn.scan keeps them
+
+
+def load_base(config) -> BaseModel:
+  """The base model at config.init_from (HF directory or jaxgpt run), checked against the config."""
+  path = os.path.expanduser(config.init_from)
+  if hf.is_hf_directory(path):
+    fields, tokenizer, params = hf.load_hf(path)
+  else:
+    base_config, tokenizer = load_run(path)
+    fields = base_config.model.to_dict()
+    params = load_params(base_config, tokenizer, path)[1]
+  shape = {k: fields[k] for k in SHAPE_FIELDS + ('rope_theta',)}
+  diffs = [f'{k}: base {v}, config {config.model[k]}' for k, v in shape.items() if config.model[k] != v]
+  if diffs:
+    raise JaxgptError(f'the base model at init_from={path} has another shape than config.model ({"; ".join(diffs)}). '
+                      'Set config.model to the base model\'s shape (configs/finetune_gpt2.py does for GPT-2).')
+  if config.data.tokenizer.kind == 'byte_bpe':
+    wanted = load_byte_level_bpe(config.data.tokenizer.path, config.data.tokenizer.eos_token)
+    if wanted.fingerprint != tokenizer.fingerprint:
+      raise JaxgptError(f'data.tokenizer.path={config.data.tokenizer.path!r} is not the tokenizer of the base model '
+                        f'at init_from={path}: use the same tokenizer as your base model (leave data.tokenizer '
+                        'unset; init_from brings its own).')
+  return BaseModel(shape, tokenizer, hf.stacked(params))
 
 
 def load_run(workdir: str) -> tuple[ConfigDict, Tokenizer]:

@@ -105,9 +105,10 @@ class ByteLevelBPETokenizer(Tokenizer):
   def __init__(self, serialized: bytes):
     super().__init__(serialized)
     saved = json.loads(serialized)
-    self._tok = tokenizers.Tokenizer.from_str(saved['tokenizer_json'])
+    self.tokenizer_json, self.eos_token = saved['tokenizer_json'], saved['eos_token']  # for Hugging Face export
+    self._tok = tokenizers.Tokenizer.from_str(self.tokenizer_json)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    self.bos_id = self.eos_id = self._tok.token_to_id(saved['eos_token'])
+    self.bos_id = self.eos_id = self._tok.token_to_id(self.eos_token)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]

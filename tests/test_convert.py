@@ -1,0 +1,92 @@
+"""Hugging Face GPT-2 and Llama in and out: the same logits both ways, identical tensors after a round trip."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import run_module
+from hf_models import EOS, hf_logits, require_transformers, save_gpt2, save_llama, save_tokenizer
+from jaxgpt import convert, hf, state
+from jaxgpt.config import JaxgptError, base_config
+from jaxgpt.data.tokenizer import load_byte_level_bpe
+
+IDS = [[5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 0, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+
+
+def _jaxgpt_logits(workdir):
+  config, tokenizer = state.load_run(workdir)
+  model, params, _ = state.load_params(config, tokenizer, workdir)
+  return np.asarray(model.apply({'params': params}, jnp.array(IDS)))
+
+
+@pytest.mark.parametrize('save', [save_gpt2, save_llama], ids=['gpt2', 'llama'])
+def test_imported_model_gives_the_logits_of_transformers(tmp_path, save):
+  reference = save(str(tmp_path / 'hf'))
+  convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'))
+  np.testing.assert_allclose(_jaxgpt_logits(str(tmp_path / 'run')), hf_logits(reference, IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'llama'])
+def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, arch):
+  _, transformers = require_transformers()
+  save_tokenizer(str(tmp_path / 'tok'))
+  tokenizer = load_byte_level_bpe(str(tmp_path / 'tok' / 'tokenizer.json'), EOS)
+  config = base_config()
+  config.model.update(num_layers=2, num_heads=4, embed_dim=32, mlp_dim=96, max_len=64)
+  if arch == 'llama':
+    config.model.update(num_kv_heads=2, position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+                        tie_embeddings=False)
+  model = state.build_model(config, tokenizer.vocab_size)
+  params = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params']
+  # Random norms and biases, so that a wrong mapping of any tensor changes the logits.
+  params = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x, params,
+                        is_leaf=lambda x: hasattr(x, 'unbox'))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  state.save_initial_run(config, tokenizer, params, str(tmp_path / 'run'))
+  out = convert.export_hf(str(tmp_path / 'run'), str(tmp_path / 'hf'))
+
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert type(exported).__name__ == {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM'}[arch]
+  np.testing.assert_allclose(hf_logits(exported, IDS), _jaxgpt_logits(str(tmp_path / 'run')), atol=1e-4, rtol=0)
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  text = 'upper: fox -> FOX' + EOS
+  assert hf_tokenizer(text)['input_ids'] == tokenizer.encode(text)
+  assert hf_tokenizer.eos_token_id == tokenizer.eos_id
+
+
+def test_import_then_export_gives_identical_tensors(tmp_path):
+  save_gpt2(str(tmp_path / 'hf'))
+  convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'))
+  convert.export_hf(str(tmp_path / 'run'), str(tmp_path / 'back'))
+  original = load_file(str(tmp_path / 'hf' / hf.HF_WEIGHTS))
+  back = load_file(str(tmp_path / 'back' / hf.HF_WEIGHTS))
+  assert sorted(back) == sorted(original)
+  for name, tensor in original.items():
+    np.testing.assert_array_equal(back[name], tensor, err_msg=name)
+
+
+def test_the_command_imports_and_samples(tmp_path):
+  save_gpt2(str(tmp_path / 'hf'))
+  result = run_module('jaxgpt.convert', f'--import_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = run_module('jaxgpt.sample', f'--workdir={tmp_path / "run"}', '--prompt=the quick', '--max_new_tokens=4')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '--- prompt: ' in result.stdout
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+  os.makedirs(tmp_path / 'empty')
+  result = run_module('jaxgpt.convert', f'--import_hf={tmp_path / "empty"}', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2 and 'not a Hugging Face model directory' in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+  result = run_module('jaxgpt.convert', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2 and 'exactly one of' in result.stderr
+  with pytest.raises(JaxgptError, match='GELU'):
+    hf.model_fields({'model_type': 'gpt2', 'activation_function': 'relu', 'n_layer': 1, 'n_head': 1,
+                     'n_embd': 8, 'n_positions': 8})
