@@ -140,7 +140,11 @@ def base_config() -> ConfigDict:
   c.train.eval_every = 100
   c.train.eval_batches = 8
   c.train.checkpoint_every = 100
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3  # the newest steps kept; older ones are deleted once a newer save is complete
+  c.train.keep_every = 0  # also keep, for good, every checkpoint whose step is a multiple of this; 0 = none
+  # A step whose loss, gradient or update is NaN/Inf is never applied; then 'skip' goes on (counted and
+  # logged), 'stop' exits naming the step.
+  c.train.on_nonfinite = 'skip'
   c.train.peak_flops_per_device = 0.0  # 0 = look up the device, or measure a matmul on CPU
   # XLA's persistent compilation cache: a restarted job reuses compiled steps. '' disables it.
   c.train.compilation_cache_dir = '~/.cache/jaxgpt/xla'
@@ -235,6 +239,13 @@ def require_config(config: ConfigDict | None) -> ConfigDict:
 def validate(config: ConfigDict) -> None:
   """Checks the relations between fields that no single field type can express."""
   m, t, d, o = config.model, config.train, config.data, config.optim
+  sizes = {'seq_len': config.seq_len, 'batch_size': config.batch_size, 'model.num_layers': m.num_layers,
+           'model.num_heads': m.num_heads, 'model.embed_dim': m.embed_dim, 'model.mlp_dim': m.mlp_dim,
+           'model.max_len': m.max_len, 'optim.grad_accum_steps': o.grad_accum_steps,
+           'data.vocab_size': d.vocab_size}
+  not_positive = [f'{name}={value}' for name, value in sizes.items() if value <= 0]
+  if not_positive:  # checked first: the relations below divide by these
+    raise JaxgptError(f'invalid config: {", ".join(not_positive)} must be positive.')
   problems = []
   if m.embed_dim % m.num_heads:
     problems.append(f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}')
@@ -259,8 +270,12 @@ def validate(config: ConfigDict) -> None:
     problems.append(f'model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}')
   if m.position == 'rope' and (m.embed_dim // m.num_heads) % 2:
     problems.append(f'RoPE needs an even head dimension; embed_dim/num_heads = {m.embed_dim // m.num_heads}')
-  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_batches'):
+  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_batches', 'keep_checkpoints'):
     if t[name] <= 0:
       problems.append(f'train.{name}={t[name]} must be positive')
+  if t.keep_every < 0:
+    problems.append(f'train.keep_every={t.keep_every} must be 0 (off) or positive')
+  if t.on_nonfinite not in ('skip', 'stop'):
+    problems.append(f"train.on_nonfinite={t.on_nonfinite!r} is not 'skip' or 'stop'")
   if problems:
     raise JaxgptError('invalid config: ' + '; '.join(problems) + '.')

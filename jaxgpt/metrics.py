@@ -1,9 +1,13 @@
-"""Throughput and MFU, and the writers that put metrics on the console and in TensorBoard."""
+"""Throughput and MFU, and the writers that put metrics on the console, in TensorBoard and in metrics.jsonl."""
 
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+
+from jaxgpt.config import JaxgptError
 
 # Dense bf16 peak FLOP/s per device (per chip; per GPU), from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -75,3 +79,71 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class StepMetrics:
+  """The train step's metrics on their way from the device to the logs and `metrics.jsonl`.
+
+  They stay on the device until `pull`, which the loop calls only where it waits for the device
+  anyway (log steps, saves): pulling after every step would stall the dispatch of the next one.
+  Each pulled step is appended to `metrics.jsonl` (one JSON object per step, process 0 only) and
+  checked for an update the train step skipped because something in it was not finite.
+  """
+
+  def __init__(self, path: str, resumed_at: int, on_nonfinite: str, log):
+    self._path = path if jax.process_index() == 0 else None
+    self._on_nonfinite = on_nonfinite
+    self._log = log
+    self._on_device = []  # (step, metrics) not yet pulled
+    self._pulled = []  # records pulled since the last `take`
+    self.skipped = 0  # updates skipped by this process's run
+    if self._path and os.path.exists(self._path):
+      _keep_records_up_to(self._path, resumed_at)
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._on_device.append((step, metrics))
+
+  def pull(self) -> None:
+    """Brings the pending steps to the host; in 'stop' mode, raises at a skipped one."""
+    records = [{'step': step, **{k: float(v) for k, v in m.items() if k != 'finite'},
+                **({} if m['finite'] else {'skipped': True})}
+               for step, m in jax.device_get(self._on_device)]
+    self._on_device = []
+    self._pulled += records
+    if self._path:
+      with open(self._path, 'a') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    skipped = [r for r in records if r.get('skipped')]
+    if not skipped:
+      return
+    first = skipped[0]
+    problem = f'loss {first["loss"]}, grad norm {first["grad_norm"]}, learning rate {first["learning_rate"]:.3g}'
+    if self._on_nonfinite == 'stop':
+      raise JaxgptError(
+          f'step {first["step"]}: the update is not finite ({problem}). Stopped without applying it '
+          "(train.on_nonfinite='stop'); no checkpoint holds this step or a later one. Lower optim.lr or "
+          "raise optim.warmup_steps, check the data, or set train.on_nonfinite='skip'.")
+    self.skipped += len(skipped)
+    self._log(f'warning: skipped the non-finite update of step{"s" if len(skipped) > 1 else ""} '
+              f'{", ".join(str(r["step"]) for r in skipped)} (step {first["step"]}: {problem}); '
+              f'{self.skipped} skipped in this run so far.')
+
+  def take(self) -> list[dict]:
+    """The records pulled since the last call."""
+    records, self._pulled = self._pulled, []
+    return records
+
+
+def _keep_records_up_to(path: str, step: int) -> None:
+  """Drops the records a killed run wrote past its last checkpoint (and a line it left half-written)."""
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if record['step'] <= step:
+        kept.append(line)
+  with open(path, 'w') as f:
+    f.writelines(kept)

@@ -141,7 +141,7 @@ def load_params(config, tokenizer: Tokenizer, workdir: str, step: int | None = N
   model = build_model(config, tokenizer.vocab_size)
   tx = make_optimizer(config.optim, config.train.num_steps)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
-  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  checkpointer = Checkpointer(workdir)
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise JaxgptError(f'{workdir} has no checkpoint yet. Train first, or wait for the first save.')

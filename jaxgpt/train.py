@@ -9,6 +9,7 @@ workdir resumes from the latest checkpoint, data position included.
 import json
 import math
 import os
+import shutil
 import time
 
 import jax
@@ -19,16 +20,18 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 from jaxgpt import sharding, state as state_lib
-from jaxgpt.checkpoint import Checkpointer, check_compatible
+from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
 from jaxgpt.data import builder, pipeline
 from jaxgpt.evaluate import generation_metrics, read_references
-from jaxgpt.metrics import MetricWriter, format_duration, peak_flops_per_device
+from jaxgpt.metrics import MetricWriter, StepMetrics, format_duration, peak_flops_per_device
 from jaxgpt.model import flops_per_token, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.preemption import StopSignals
 from jaxgpt.sample import Sampling, complete
 
 RESULTS_FILE = 'results.json'
+METRICS_FILE = 'metrics.jsonl'  # every step's loss, grad norm and learning rate
 
 
 def loss_sums(model, params, batch, rng=None):
@@ -72,10 +75,16 @@ def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0):
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    metrics = {'loss': loss_sum / count, 'grad_norm': optax.global_norm(grads),
-               'learning_rate': schedule(state.step)}
+    loss, grad_norm = loss_sum / count, optax.global_norm(grads)
+    # A non-finite loss, gradient or update (a bad batch, an overflow, a bad learning rate) is not
+    # applied: params and optimizer state stay as they were, decided here on the device so that
+    # no step waits for the host. The step still counts: its batch has been consumed.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1,
+                              params=keep_finite(optax.apply_updates(state.params, updates), state.params),
+                              opt_state=keep_finite(opt_state, state.opt_state))
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state.step), 'finite': finite}
     return new_state, metrics
 
   return train_step
@@ -129,6 +138,16 @@ def _prepare_workdir(workdir: str, config, tokenizer) -> None:
       f.write(config.to_json(indent=2))
 
 
+def _check_free_space(workdir: str, abstract_state) -> None:
+  """Refuses to start when the next checkpoint would not fit, rather than failing at the first save."""
+  needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  free = shutil.disk_usage(workdir).free
+  if free < needed:
+    raise JaxgptError(
+        f'--workdir {workdir} has {free / 1e9:.2f} GB free, but one checkpoint of this model (parameters and '
+        f'optimizer state) takes {needed / 1e9:.2f} GB. Free some space or choose another --workdir.')
+
+
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
   validate(config)
@@ -153,7 +172,7 @@ def train(config, workdir: str) -> dict:
   steps = config.train.num_steps
   schedule = learning_rate_schedule(config.optim, steps)
   tx = make_optimizer(config.optim, steps)
-  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, keep_every=config.train.keep_every)
   meta = state_lib.checkpoint_meta(config, tokenizer)
   # Read now, so that a bad references file fails before training rather than at the first validation.
   references = read_references(config.eval.references)[:config.eval.max_examples] if config.eval.references else []
@@ -161,14 +180,14 @@ def train(config, workdir: str) -> dict:
       data.chunks('train', config.seq_len + 1), seq_len=config.seq_len, seed=config.seed,
       shuffle=config.data.shuffle, local_batch_size=config.batch_size // jax.process_count())
 
-  start = checkpointer.latest_step()
-  if start is None:
+  abstract = state_lib.abstract_state(model, tx, config.seq_len, mesh, rules)
+  _check_free_space(workdir, abstract)
+  restored = checkpointer.restore_latest(abstract, train_batches, meta, writer.log)
+  if restored is None:
     start = 0
     state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(config.seed), rules)
   else:
-    check_compatible(checkpointer.read_meta(start), meta, workdir)
-    state = checkpointer.restore(start, state_lib.abstract_state(model, tx, config.seq_len, mesh, rules),
-                                 train_batches)
+    start, state = restored
     writer.log(f'resumed from step {start} in {checkpointer.directory}')
 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -187,21 +206,29 @@ def train(config, workdir: str) -> dict:
              f'mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s per device ({peak_source})')
 
   results = {}
-  pending, interval_start, interval_steps = [], time.perf_counter(), 0
-  with sharding.activation_rules(mesh, rules):
+  step_metrics = StepMetrics(os.path.join(workdir, METRICS_FILE), start, config.train.on_nonfinite, writer.log)
+  stopped_by = None
+  interval_start, interval_steps = time.perf_counter(), 0
+  # Leaving this block, by the end or by an error, waits for the save in flight to complete.
+  with sharding.activation_rules(mesh, rules), StopSignals() as stop_signals, checkpointer:
     for step in range(start, steps):
       batch = sharding.global_batch(next(train_batches), mesh)
       state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      interval_steps += 1
       done = step + 1
+      step_metrics.add(done, metrics)
+      interval_steps += 1
       if step == start:
         jax.block_until_ready(state)
         writer.log(f'step {done}: compiled and ran the first step in {time.perf_counter() - interval_start:.1f}s')
-        pending, interval_start, interval_steps = [], time.perf_counter(), 0
-        continue
-      if done % config.train.log_every == 0 or done == steps:
-        host = jax.device_get(pending)  # the only sync point: metrics stay on device between logs
+        interval_start, interval_steps = time.perf_counter(), 0
+      stopping = stop_signals.should_stop(done)
+      log_now = interval_steps > 0 and (done % config.train.log_every == 0 or done == steps)
+      save_now = done % config.train.checkpoint_every == 0 or done == steps or stopping
+      if log_now or save_now:
+        # Where the loop waits for the device anyway; in 'stop' mode this raises before a bad step is saved.
+        step_metrics.pull()
+      if log_now:
+        host = step_metrics.take()
         elapsed = time.perf_counter() - interval_start
         step_time = elapsed / interval_steps
         tokens_per_sec = tokens_per_step / step_time
@@ -213,19 +240,24 @@ def train(config, workdir: str) -> dict:
         writer.scalars(done, {'train/loss': loss, 'train/learning_rate': float(host[-1]['learning_rate']),
                               'train/grad_norm': float(host[-1]['grad_norm']),
                               'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu})
-        pending, interval_start, interval_steps = [], time.perf_counter(), 0
-      if done % config.train.eval_every == 0 or done == steps:
+        interval_start, interval_steps = time.perf_counter(), 0
+      if (done % config.train.eval_every == 0 or done == steps) and not stopping:
         results = evaluate(eval_step, state.params, data, config, mesh)
         if references:
           _log_generation_metrics(writer, done, model, state.params, tokenizer, references, config.eval)
         _log_validation(writer, done, results)
         interval_start = time.perf_counter()
-      if done % config.train.checkpoint_every == 0 or done == steps:
+      if save_now:
         checkpointer.save(done, state, train_batches, meta)
         interval_start = time.perf_counter()
-
-  checkpointer.wait()
-  checkpointer.close()
+      if stopping:
+        stopped_by = stop_signals.received or 'a preemption notice'
+        break
+  if stopped_by:
+    writer.log(f'step {done}: stopped by {stopped_by}; saved a checkpoint at step {done}. '
+               'Run the same command to resume.')
+    writer.close()
+    return {'step': done, 'stopped_by': stopped_by}
   if not results:
     results = evaluate(eval_step, state.params, data, config, mesh)
     _log_validation(writer, start, results)

@@ -1,0 +1,188 @@
+"""Killed, stopped and damaged runs, through the real command in subprocesses.
+
+A run killed with SIGKILL at random steps (once in the middle of a checkpoint
+write) and resumed each time must produce exactly the losses and parameters of
+a run never interrupted; SIGTERM and SIGINT must save at the current step and
+exit 0; a damaged newest checkpoint must be moved aside for the one before it.
+"""
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_OVERRIDES, override_args
+from jaxgpt import state as state_lib
+
+NUM_STEPS = 30
+# Dropout on, so that a resumed run must also draw the same dropout masks; a metrics record
+# every step; saves every 3 steps keeping only the newest (and every 9th step for good).
+RUN_OVERRIDES = {**TINY_OVERRIDES, 'train.num_steps': NUM_STEPS, 'train.log_every': 1,
+                 'train.eval_every': NUM_STEPS, 'train.checkpoint_every': 3, 'train.keep_checkpoints': 1,
+                 'train.keep_every': 9, 'model.dropout_rate': 0.1, 'sample.prompts': '()'}
+
+
+def _command(workdir, data_cache, compile_cache) -> list[str]:
+  return [sys.executable, '-m', 'jaxgpt.train', '--config', 'configs/quickstart.py', '--workdir', str(workdir),
+          *override_args(RUN_OVERRIDES), f'--config.data.cache_dir={data_cache}',
+          f'--config.train.compilation_cache_dir={compile_cache}']
+
+
+def _start(workdir, data_cache, compile_cache) -> subprocess.Popen:
+  os.makedirs(workdir, exist_ok=True)
+  log = open(os.path.join(workdir, f'log-{time.monotonic_ns()}.txt'), 'w+')
+  proc = subprocess.Popen(_command(workdir, data_cache, compile_cache), cwd=REPO, stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
+  proc.log = log
+  return proc
+
+
+def _finish(proc, timeout=240) -> str:
+  proc.wait(timeout=timeout)
+  proc.log.seek(0)
+  return proc.log.read()
+
+
+def _records(workdir) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+def _wait_until(condition, proc, what: str, timeout=240):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert proc.poll() is None, f'the run ended before {what}:\n{_finish(proc)[-3000:]}'
+    assert time.monotonic() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.002)
+
+
+def _final_params(workdir):
+  config, tokenizer = state_lib.load_run(str(workdir))
+  _, params, step = state_lib.load_params(config, tokenizer, str(workdir))
+  return step, params
+
+
+def _losses(workdir) -> list[tuple[int, float]]:
+  return [(r['step'], r['loss']) for r in _records(workdir)]
+
+
+@pytest.fixture(scope='module')
+def paths(tmp_path_factory, data_cache):
+  root = tmp_path_factory.mktemp('reliability')
+  return root, data_cache, root / 'xla_cache'
+
+
+@pytest.fixture(scope='module')
+def reference(paths):
+  """The run never interrupted."""
+  root, data_cache, compile_cache = paths
+  proc = _start(root / 'reference', data_cache, compile_cache)
+  out = _finish(proc)
+  assert proc.returncode == 0, out[-3000:]
+  return root / 'reference'
+
+
+def _assert_same_run(workdir, reference_dir):
+  assert _losses(workdir) == _losses(reference_dir)  # exact float equality, step by step
+  assert [s for s, _ in _losses(workdir)] == list(range(1, NUM_STEPS + 1))
+  (step, params), (reference_step, reference_params) = _final_params(workdir), _final_params(reference_dir)
+  assert step == reference_step == NUM_STEPS
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_killed_runs_resume_bitwise_identically(paths, reference):
+  root, data_cache, compile_cache = paths
+  workdir = root / 'killed'
+  checkpoints = workdir / 'checkpoints'
+  rng = random.Random(0)
+  # Two kills at random steps, one in the middle of a checkpoint write, then one more at random.
+  plan = [rng.randrange(4, 12), 'during a save', rng.randrange(20, 26)]
+  for kill_at in plan:
+    proc = _start(workdir, data_cache, compile_cache)
+    if kill_at == 'during a save':
+      unfinished = lambda: glob.glob(f'{checkpoints}/*.orbax-checkpoint-tmp*')
+      _wait_until(lambda: (_records(workdir) or [{'step': 0}])[-1]['step'] > 14 and unfinished(), proc, 'a save')
+    else:
+      _wait_until(lambda: (_records(workdir) or [{'step': 0}])[-1]['step'] >= kill_at, proc, f'step {kill_at}')
+    committed = sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+    proc.send_signal(signal.SIGKILL)
+    out = _finish(proc)
+    assert proc.returncode == -signal.SIGKILL, out[-2000:]
+    # Old checkpoints are deleted only after a newer one is complete: one is always there.
+    assert committed and os.listdir(checkpoints), f'killed at {kill_at} with no checkpoint left'
+  proc = _start(workdir, data_cache, compile_cache)
+  out = _finish(proc)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'resumed from step' in out
+  assert not glob.glob(f'{checkpoints}/*tmp*'), 'the unfinished save was not cleaned up'
+  # keep_checkpoints=1 plus keep_every=9
+  assert sorted(os.listdir(checkpoints), key=int) == ['9', '18', '27', '30']
+  _assert_same_run(workdir, reference)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_at_the_current_step_and_exit_0(paths, reference, signum):
+  root, data_cache, compile_cache = paths
+  workdir = root / signal.Signals(signum).name
+  proc = _start(workdir, data_cache, compile_cache)
+  _wait_until(lambda: (_records(workdir) or [{'step': 0}])[-1]['step'] >= 7, proc, 'step 7')
+  proc.send_signal(signum)
+  out = _finish(proc)
+  assert proc.returncode == 0, out[-3000:]
+  stopped_at = _records(workdir)[-1]['step']
+  assert 7 <= stopped_at < NUM_STEPS
+  assert (f'step {stopped_at}: stopped by {signal.Signals(signum).name}; saved a checkpoint at step {stopped_at}. '
+          'Run the same command to resume.') in out
+  assert str(stopped_at) in os.listdir(workdir / 'checkpoints')
+  assert 'validation loss' not in out  # it stops at once: no evaluation, no samples
+  assert _losses(workdir) == _losses(reference)[:stopped_at]
+
+
+def test_damaged_checkpoints_are_moved_aside_for_the_newest_intact_one(paths, reference):
+  root, data_cache, compile_cache = paths
+  workdir = root / 'damaged'
+  os.makedirs(workdir)
+  for name in ('config.json', 'tokenizer.model', 'metrics.jsonl'):
+    with open(reference / name, 'rb') as src, open(workdir / name, 'wb') as dst:
+      dst.write(src.read())
+  subprocess.run(['cp', '-r', str(reference / 'checkpoints'), str(workdir / 'checkpoints')], check=True)
+  # The newest step loses the end of its biggest array file; the one before loses its data position.
+  newest = max(glob.glob(f'{workdir}/checkpoints/30/state/**/d/*', recursive=True), key=os.path.getsize)
+  os.truncate(newest, 10)
+  os.remove(workdir / 'checkpoints' / '27' / 'data' / 'process_0-of-1.json')
+
+  proc = _start(workdir, data_cache, compile_cache)
+  out = _finish(proc)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'warning: checkpoint step 30 is damaged (ValueError: OUT_OF_RANGE' in out
+  assert 'warning: checkpoint step 27 is damaged (ValueError: File ' in out
+  assert 'resumed from step 18' in out
+  names = os.listdir(workdir / 'checkpoints')
+  assert any(n.startswith('30.damaged-') for n in names) and any(n.startswith('27.damaged-') for n in names)
+  _assert_same_run(workdir, reference)  # steps 19-30 again, exactly as before
+
+
+def test_a_run_with_no_readable_checkpoint_stops_and_moves_nothing(paths, reference):
+  root, data_cache, compile_cache = paths
+  workdir = root / 'unreadable'
+  subprocess.run(['cp', '-r', str(reference), str(workdir)], check=True)
+  for step in os.listdir(workdir / 'checkpoints'):
+    os.remove(workdir / 'checkpoints' / step / 'meta' / 'metadata')
+  proc = _start(workdir, data_cache, compile_cache)
+  out = _finish(proc)
+  assert proc.returncode == 2
+  assert f'error: no checkpoint in {workdir}/checkpoints can be read (step 30: ' in out
+  assert 'step 9: ' in out and 'Traceback' not in out
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['9', '18', '27', '30']
