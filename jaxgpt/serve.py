@@ -1,0 +1,319 @@
+"""HTTP serving of a trained run: `python -m jaxgpt.serve --workdir DIR [--port 8000]`.
+
+FastAPI on uvicorn, bound to 127.0.0.1 unless told otherwise:
+- `POST /v1/completions`: the OpenAI completions shape (prompt, max_tokens,
+  temperature, top_p, stop, seed, stream with server-sent events);
+- `GET /health`, and `GET /v1/models` for the model's size and context.
+
+One worker thread owns the model. Requests wait in a bounded queue (full: 503)
+and are decoded together in batches of up to `max_batch` rows, each row with
+its own settings; the batch is always padded to `max_batch` rows so shapes, and
+so compilations, do not depend on how many requests arrived together.
+
+Prompts and outputs go through the same `jaxgpt.safety.SafetyChecker` as the
+data pipeline. Every response carries its flags; with `--safety=block` a
+flagged prompt is refused (400) and a flagged output withheld
+(finish_reason 'content_filter'). Flagged events are logged.
+"""
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+
+import ml_collections
+from absl import flags
+
+from jaxgpt import state
+from jaxgpt.config import JaxgptError, run_cli
+from jaxgpt.model import num_params
+from jaxgpt.safety import SafetyChecker
+from jaxgpt.sample import Sampling, stream_text
+
+log = logging.getLogger('jaxgpt.serve')
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+
+
+class RequestError(Exception):
+  """A request the client must fix: answered with `status` and the message."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+@dataclasses.dataclass
+class Job:
+  """One completion request in flight: the worker puts deltas on `events` for the HTTP handler."""
+  prompt: str
+  sampling: Sampling
+  loop: asyncio.AbstractEventLoop
+  events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+
+  def send(self, event) -> None:
+    self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+  """The model behind a bounded queue, decoded in batches by one worker thread."""
+
+  def __init__(self, model, params, tokenizer, *, max_batch: int, queue_size: int, chunk_tokens: int):
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.max_batch, self.chunk_tokens = max_batch, chunk_tokens
+    self._jobs = queue.Queue(maxsize=queue_size)
+    threading.Thread(target=self._work, daemon=True, name='jaxgpt-decode').start()
+
+  def submit(self, job: Job) -> None:
+    try:
+      self._jobs.put_nowait(job)
+    except queue.Full:
+      raise RequestError(503, 'the server is busy: too many requests are waiting. Retry shortly.') from None
+
+  def _work(self) -> None:
+    while True:
+      batch = [self._jobs.get()]
+      while len(batch) < self.max_batch and not self._jobs.empty():
+        batch.append(self._jobs.get_nowait())
+      try:
+        self._decode(batch)
+      except Exception as e:  # a failure answers this batch's requests and keeps the server up
+        log.exception('decoding failed')
+        for job in batch:
+          job.send(e)
+
+  def _decode(self, batch: list[Job]) -> None:
+    # Padding rows (one BOS, one token) keep the batch shape fixed; they finish at once.
+    padding = self.max_batch - len(batch)
+    prompts = [job.prompt for job in batch] + [''] * padding
+    samplings = [job.sampling for job in batch] + [Sampling(max_new_tokens=1)] * padding
+    for deltas in stream_text(self.model, self.params, self.tokenizer, prompts, samplings, chunk=self.chunk_tokens):
+      for job, delta in zip(batch, deltas):
+        if delta.text or delta.finish_reason:
+          job.send(delta)
+
+
+def _flags_json(safety_flags) -> dict:
+  return dataclasses.asdict(safety_flags)
+
+
+class Service:
+  """Request validation, safety and the response shapes, around an Engine."""
+
+  def __init__(self, engine: Engine, checker: SafetyChecker, *, safety_mode: str, model_name: str, step: int,
+               api_key: str = ''):
+    self.engine, self.checker, self.safety_mode = engine, checker, safety_mode
+    self.model_name, self.step, self.api_key = model_name, step, api_key
+    self.max_len = engine.model.cfg.max_len
+
+  def authorize(self, header: str | None) -> None:
+    if self.api_key and not hmac.compare_digest(header or '', f'Bearer {self.api_key}'):
+      raise RequestError(401, 'missing or wrong API key: send the header "Authorization: Bearer <key>".')
+
+  def parse(self, body: bytes) -> tuple[str, Sampling, bool]:
+    """(prompt, sampling, stream) from a request body, or a RequestError naming the problem."""
+    try:
+      request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise RequestError(400, 'the request body is not valid JSON.') from None
+    if not isinstance(request, dict):
+      raise RequestError(400, 'the request body must be a JSON object.')
+
+    def field(name, kinds, default, valid=lambda v: True, rule=''):
+      value = request.get(name, default)
+      if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds) or not valid(value):
+        raise RequestError(400, f'"{name}" must be {rule}; got {json.dumps(value)}.')
+      return value
+
+    if 'prompt' not in request:
+      raise RequestError(400, '"prompt" is required: the text to continue.')
+    prompt = field('prompt', (str,), '', lambda v: v != '', 'a non-empty string')
+    max_tokens = field('max_tokens', (int,), 16, lambda v: 1 <= v < self.max_len,
+                       f'an integer from 1 to {self.max_len - 1}')
+    temperature = field('temperature', (int, float), 1.0, lambda v: 0 <= v <= 2, 'a number from 0 to 2')
+    top_p = field('top_p', (int, float), 1.0, lambda v: 0 < v <= 1, 'a number in (0, 1]')
+    seed = field('seed', (int,), 0, rule='an integer')
+    stream = field('stream', (bool,), False, rule='true or false')
+    stop = request.get('stop') or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and len(stop) <= MAX_STOP_SEQUENCES and all(isinstance(s, str) for s in stop)):
+      raise RequestError(400, f'"stop" must be a string or a list of at most {MAX_STOP_SEQUENCES} strings.')
+    prompt_tokens = 1 + len(self.engine.tokenizer.encode(prompt))  # BOS + the text
+    if prompt_tokens + max_tokens > self.max_len:
+      raise RequestError(400, f'the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: together they '
+                              f'exceed the model\'s context of {self.max_len} tokens. Shorten the prompt or '
+                              'ask for fewer tokens.')
+    sampling = Sampling(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
+                        stop=tuple(s for s in stop if s))
+    return prompt, sampling, stream
+
+  def check(self, kind: str, text: str, request_id: str):
+    """The safety flags of a prompt or output; flagged ones are logged."""
+    result = self.checker.check(text)
+    if result.profane:
+      log.warning('flagged %s in %s (%s): words %s, score %.2f, line %r', kind, request_id, self.safety_mode,
+                  list(result.words), result.score, result.line)
+    return result
+
+  def response(self, request_id: str, text: str, finish_reason, prompt_flags, output_flags=None,
+               usage=None) -> dict:
+    body = {'id': request_id, 'object': 'text_completion', 'created': int(time.time()), 'model': self.model_name,
+            'choices': [{'text': text, 'index': 0, 'logprobs': None, 'finish_reason': finish_reason}],
+            'safety': {'mode': self.safety_mode, 'prompt': _flags_json(prompt_flags),
+                       'output': None if output_flags is None else _flags_json(output_flags)}}
+    if usage is not None:
+      body['usage'] = usage
+    return body
+
+  def info(self) -> dict:
+    cfg = self.engine.model.cfg
+    return {'object': 'list', 'data': [{
+        'id': self.model_name, 'object': 'model', 'owned_by': 'jaxgpt', 'step': self.step,
+        'parameters': num_params(self.engine.params), 'context_length': cfg.max_len,
+        'vocab_size': cfg.vocab_size, 'architecture': dataclasses.asdict(cfg)}]}
+
+
+def create_app(service: Service):
+  """The FastAPI app: the routes, each a thin layer over `service`."""
+  from fastapi import FastAPI, Request
+  from fastapi.responses import JSONResponse, StreamingResponse
+
+  app = FastAPI(title='jaxgpt', docs_url=None, redoc_url=None)
+
+  def error(status: int, message: str) -> JSONResponse:
+    kind = 'server_busy' if status == 503 else 'authentication_error' if status == 401 else 'invalid_request_error'
+    return JSONResponse({'error': {'message': message, 'type': kind}}, status_code=status)
+
+  @app.get('/health')
+  def health():
+    return {'status': 'ok', 'model': service.model_name, 'step': service.step}
+
+  @app.get('/v1/models')
+  def models():
+    return service.info()
+
+  @app.post('/v1/completions')
+  async def completions(request: Request):
+    request_id = f'cmpl-{uuid.uuid4().hex[:24]}'
+    try:
+      service.authorize(request.headers.get('authorization'))
+      prompt, sampling, streaming = service.parse(await request.body())
+      prompt_flags = service.check('prompt', prompt, request_id)
+      if prompt_flags.profane and service.safety_mode == 'block':
+        raise RequestError(400, f'the prompt was flagged by the safety checker ({_describe(prompt_flags)}) '
+                                'and this server blocks flagged prompts.')
+      job = Job(prompt, sampling, asyncio.get_running_loop())
+      service.engine.submit(job)
+    except RequestError as e:
+      return error(e.status, str(e))
+
+    async def deltas():
+      while True:
+        delta = await job.events.get()
+        if isinstance(delta, Exception):
+          raise delta
+        yield delta
+        if delta.finish_reason:
+          return
+
+    if streaming:
+      return StreamingResponse(_sse(service, request_id, prompt_flags, deltas()), media_type='text/event-stream')
+    text, finish_reason, completion_tokens = '', None, 0
+    try:
+      async for delta in deltas():
+        text, finish_reason, completion_tokens = text + delta.text, delta.finish_reason, delta.num_tokens
+    except Exception as e:
+      return error(500, f'decoding failed: {e}')
+    output_flags = service.check('output', text, request_id)
+    if output_flags.profane and service.safety_mode == 'block':
+      text, finish_reason = '', 'content_filter'
+    prompt_tokens = 1 + len(service.engine.tokenizer.encode(prompt))
+    usage = {'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens,
+             'total_tokens': prompt_tokens + completion_tokens}
+    return service.response(request_id, text, finish_reason, prompt_flags, output_flags, usage)
+
+  return app
+
+
+async def _sse(service: Service, request_id: str, prompt_flags, deltas):
+  """Server-sent events: one per piece of text, the last with the finish reason and output flags.
+
+  In block mode the text so far is checked before each piece is sent, so a
+  flagged output stops the stream (finish_reason 'content_filter').
+  """
+  text = ''
+  async for delta in deltas:
+    output_flags = service.check('output', text + delta.text, request_id) if delta.text or delta.finish_reason else None
+    if output_flags is not None and output_flags.profane and service.safety_mode == 'block':
+      yield _event(service.response(request_id, '', 'content_filter', prompt_flags, output_flags))
+      break
+    text += delta.text
+    finished = delta.finish_reason is not None
+    yield _event(service.response(request_id, delta.text, delta.finish_reason, prompt_flags,
+                                  output_flags if finished else None))
+  yield 'data: [DONE]\n\n'
+
+
+def _event(body: dict) -> str:
+  return f'data: {json.dumps(body)}\n\n'
+
+
+def _describe(safety_flags) -> str:
+  return f'words: {", ".join(safety_flags.words)}' if safety_flags.words else f'score {safety_flags.score:.2f}'
+
+
+# --- command line ---------------------------------------------------------
+
+def _define_flags() -> None:
+  # Defined only when this module runs as a command, so importing it adds no flags.
+  flags.DEFINE_string('workdir', None, 'The run directory written by jaxgpt.train.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step to serve (default: the latest).')
+  flags.DEFINE_string('host', '127.0.0.1', 'Address to bind; 0.0.0.0 exposes the server to the network.')
+  flags.DEFINE_integer('port', 8000, 'Port to listen on.')
+  flags.DEFINE_string('api_key_env', 'JAXGPT_API_KEY',
+                      'Environment variable holding the API key clients must send; unset = no key needed.')
+  flags.DEFINE_enum('safety', 'flag', ['flag', 'block'], "'flag': report flags only; 'block': refuse flagged text.")
+  flags.DEFINE_float('classifier_threshold', 0.9, 'Profanity classifier probability that flags a line; 0 = off.')
+  flags.DEFINE_list('blocked_words', [], 'Comma-separated words that flag a text.')
+  flags.DEFINE_string('blocked_words_file', '', 'More such words, one per line.')
+  flags.DEFINE_integer('max_batch', 8, 'Requests decoded together.')
+  flags.DEFINE_integer('queue_size', 64, 'Requests that may wait; more are answered 503.')
+  flags.DEFINE_integer('chunk_tokens', 8, 'Decode steps between streamed pieces.')
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  if not FLAGS.workdir:
+    raise JaxgptError('--workdir is required: the run directory written by jaxgpt.train.')
+  if FLAGS.max_batch < 1 or FLAGS.queue_size < 1 or FLAGS.chunk_tokens < 1:
+    raise JaxgptError('--max_batch, --queue_size and --chunk_tokens must be positive.')
+  import uvicorn  # imported here: only the command needs the server libraries
+
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
+  config, tokenizer = state.load_run(FLAGS.workdir)
+  model, params, step = state.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
+  checker = SafetyChecker(ml_collections.ConfigDict({
+      'classifier_threshold': FLAGS.classifier_threshold, 'blocked_words': FLAGS.blocked_words,
+      'blocked_words_file': FLAGS.blocked_words_file}))
+  engine = Engine(model, params, tokenizer, max_batch=FLAGS.max_batch, queue_size=FLAGS.queue_size,
+                  chunk_tokens=FLAGS.chunk_tokens)
+  service = Service(engine, checker, safety_mode=FLAGS.safety, step=step,
+                    model_name=os.path.basename(os.path.abspath(FLAGS.workdir)),
+                    api_key=os.environ.get(FLAGS.api_key_env, ''))
+  log.info('serving %s (step %d) on http://%s:%d', FLAGS.workdir, step, FLAGS.host, FLAGS.port)
+  uvicorn.run(create_app(service), host=FLAGS.host, port=FLAGS.port, log_level='warning')
+
+
+def cli():
+  _define_flags()
+  run_cli(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -1,0 +1,196 @@
+"""The HTTP server, started for real on a loopback port and called with a real HTTP client."""
+
+import concurrent.futures
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import REPO
+from jaxgpt import state
+from jaxgpt.sample import Sampling, complete
+
+FLAGGED_PROMPT = 'def zorblax('  # 'zorblax' is on the servers' blocked word list
+OUTPUT_PROMPT = 'def '  # the servers also block a word the model writes after this (see flagged_word)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, *args, env=None):
+  port = _free_port()
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'jaxgpt.serve', '--workdir', workdir, '--port', str(port), *args],
+      cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    if process.poll() is not None:
+      raise AssertionError(f'the server exited: {process.stdout.read()[-3000:]}')
+    try:
+      if httpx.get(f'{url}/health', timeout=1).status_code == 200:
+        return process, url
+    except httpx.TransportError:
+      time.sleep(0.3)
+  process.kill()
+  raise AssertionError('the server did not answer /health within 120 s')
+
+
+def _stop(process):
+  process.terminate()
+  try:
+    return process.communicate(timeout=20)[0]
+  except subprocess.TimeoutExpired:
+    process.kill()
+    return process.communicate()[0]
+
+
+@pytest.fixture(scope='module')
+def flagged_word(trained_run):
+  """A word that the model writes after OUTPUT_PROMPT (temperature 1, seed 3), found by running it here."""
+  config, tokenizer = state.load_run(trained_run)
+  model, params, _ = state.load_params(config, tokenizer, trained_run)
+  text = complete(model, params, tokenizer, [OUTPUT_PROMPT], Sampling(max_new_tokens=24, temperature=1.0, seed=3))[0].text
+  words = re.findall(r'\b[A-Za-z]{3,}\b', text)  # whole words, as the checker matches them
+  assert words, text
+  return words[0], text
+
+
+@pytest.fixture(scope='module')
+def server(trained_run, flagged_word):
+  process, url = _start(trained_run, f'--blocked_words=zorblax,{flagged_word[0]}', '--max_batch=8',
+                        '--queue_size=64', env={'JAXGPT_API_KEY': 'sekrit'})
+  client = httpx.Client(base_url=url, headers={'Authorization': 'Bearer sekrit'}, timeout=120)
+  yield client, process
+  client.close()
+  _stop(process)
+
+
+def test_health_and_model_info(server):
+  client, _ = server
+  assert client.get('/health').json()['status'] == 'ok'
+  info = client.get('/v1/models').json()['data'][0]
+  assert info['context_length'] == 64 and info['step'] == 10 and info['parameters'] > 10_000
+
+
+def test_completion_is_deterministic_and_counts_tokens(server):
+  client, _ = server
+  request = {'prompt': 'import os\n', 'max_tokens': 12, 'temperature': 0.8, 'seed': 5}
+  first, second = client.post('/v1/completions', json=request), client.post('/v1/completions', json=request)
+  assert first.status_code == 200, first.text
+  body = first.json()
+  choice = body['choices'][0]
+  assert choice['text'] == second.json()['choices'][0]['text']
+  assert choice['finish_reason'] in ('stop', 'length') and body['object'] == 'text_completion'
+  assert 1 <= body['usage']['completion_tokens'] <= 12
+  assert body['usage']['total_tokens'] == body['usage']['prompt_tokens'] + body['usage']['completion_tokens']
+  assert body['safety']['prompt']['profane'] is False
+
+
+def test_streaming_sends_the_same_text_in_pieces(server):
+  client, _ = server
+  request = {'prompt': 'class ', 'max_tokens': 30, 'temperature': 1.0, 'seed': 2}
+  whole = client.post('/v1/completions', json=request).json()['choices'][0]
+  events = []
+  with client.stream('POST', '/v1/completions', json={**request, 'stream': True}) as response:
+    assert response.status_code == 200 and response.headers['content-type'].startswith('text/event-stream')
+    for line in response.iter_lines():
+      if line.startswith('data: '):
+        events.append(line[len('data: '):])
+  assert events[-1] == '[DONE]'
+  chunks = [json.loads(e)['choices'][0] for e in events[:-1]]
+  assert len(chunks) >= 2  # 30 tokens in pieces of 8 decode steps
+  assert ''.join(c['text'] for c in chunks) == whole['text']
+  assert chunks[-1]['finish_reason'] == whole['finish_reason'] and all(c['finish_reason'] is None for c in chunks[:-1])
+
+
+def test_stop_sequence_cuts_the_text(server):
+  client, _ = server
+  request = {'prompt': 'class ', 'max_tokens': 30, 'temperature': 1.0, 'seed': 2}
+  whole = client.post('/v1/completions', json=request).json()['choices'][0]['text']
+  stop = whole[len(whole) // 2:len(whole) // 2 + 2]
+  cut = client.post('/v1/completions', json={**request, 'stop': [stop]}).json()['choices'][0]
+  assert cut['text'] == whole[:whole.index(stop)] and cut['finish_reason'] == 'stop'
+
+
+@pytest.mark.parametrize('body,status,message', [
+    (b'{"prompt": "x", ', 400, 'not valid JSON'),
+    (b'["prompt"]', 400, 'must be a JSON object'),
+    (b'{"max_tokens": 4}', 400, '"prompt" is required'),
+    (b'{"prompt": 42}', 400, '"prompt" must be a non-empty string; got 42'),
+    (b'{"prompt": "x", "max_tokens": 0}', 400, '"max_tokens" must be an integer from 1 to 63; got 0'),
+    (b'{"prompt": "x", "max_tokens": 5000}', 400, 'from 1 to 63; got 5000'),
+    (b'{"prompt": "x", "max_tokens": "8"}', 400, 'got "8"'),
+    (b'{"prompt": "x", "temperature": -1}', 400, '"temperature" must be a number from 0 to 2'),
+    (b'{"prompt": "x", "top_p": 0}', 400, '"top_p" must be a number in (0, 1]'),
+    (b'{"prompt": "x", "stream": "yes"}', 400, '"stream" must be true or false'),
+    (b'{"prompt": "x", "stop": [1, 2]}', 400, '"stop" must be a string or a list of at most 4 strings'),
+    (json.dumps({'prompt': 'word ' * 80}).encode(), 400, "exceed the model's context of 64 tokens"),
+])
+def test_bad_requests_get_a_clear_4xx(server, body, status, message):
+  client, _ = server
+  response = client.post('/v1/completions', content=body, headers={'Content-Type': 'application/json'})
+  assert response.status_code == status
+  assert message in response.json()['error']['message'], response.text
+
+
+def test_api_key_is_required(server):
+  client, _ = server
+  url = str(client.base_url)
+  for headers in ({}, {'Authorization': 'Bearer wrong'}):
+    response = httpx.post(f'{url}/v1/completions', json={'prompt': 'x'}, headers=headers)
+    assert response.status_code == 401 and 'API key' in response.json()['error']['message']
+
+
+def test_fifty_concurrent_requests_are_all_answered(server):
+  client, _ = server
+  requests = [{'prompt': f'def f{i}(', 'max_tokens': 6 + i % 5, 'temperature': 0.7, 'seed': i} for i in range(50)]
+  with concurrent.futures.ThreadPoolExecutor(50) as pool:
+    responses = list(pool.map(lambda r: client.post('/v1/completions', json=r), requests))
+  assert [r.status_code for r in responses] == [200] * 50
+  # Batched with others, each request gets what it gets alone.
+  for i in (0, 17, 49):
+    alone = client.post('/v1/completions', json=requests[i]).json()['choices'][0]['text']
+    assert responses[i].json()['choices'][0]['text'] == alone
+
+
+def test_flagged_prompt_and_output_carry_their_flags_and_are_logged(server, flagged_word):
+  client, process = server
+  word, expected_text = flagged_word
+  flagged_prompt = client.post('/v1/completions', json={'prompt': FLAGGED_PROMPT, 'max_tokens': 4}).json()
+  assert flagged_prompt['safety']['prompt']['profane'] and flagged_prompt['safety']['prompt']['words'] == ['zorblax']
+  body = client.post('/v1/completions', json={'prompt': OUTPUT_PROMPT, 'max_tokens': 24, 'temperature': 1.0,
+                                               'seed': 3}).json()
+  assert body['choices'][0]['text'] == expected_text  # flag mode: the text is returned
+  assert not body['safety']['prompt']['profane']
+  assert body['safety']['output']['profane'] and word.lower() in body['safety']['output']['words']
+
+
+def test_block_mode_and_a_full_queue(trained_run, flagged_word):
+  word, _ = flagged_word
+  process, url = _start(trained_run, f'--blocked_words=zorblax,{word}', '--safety=block', '--max_batch=1',
+                        '--queue_size=1', '--chunk_tokens=1')
+  try:
+    with httpx.Client(base_url=url, timeout=120) as client:
+      refused = client.post('/v1/completions', json={'prompt': FLAGGED_PROMPT, 'max_tokens': 4})
+      assert refused.status_code == 400 and 'flagged by the safety checker' in refused.json()['error']['message']
+      withheld = client.post('/v1/completions', json={'prompt': OUTPUT_PROMPT, 'max_tokens': 24,
+                                                      'temperature': 1.0, 'seed': 3}).json()
+      assert withheld['choices'][0] == {'text': '', 'index': 0, 'logprobs': None, 'finish_reason': 'content_filter'}
+      # One decoding, one waiting: the rest of 12 simultaneous requests are turned away, none left hanging.
+      with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda i: client.post('/v1/completions', json={
+            'prompt': 'import', 'max_tokens': 40, 'temperature': 1.0, 'seed': i}).status_code, range(12)))
+      assert set(statuses) == {200, 503} and statuses.count(200) >= 2
+  finally:
+    output = _stop(process)
+  assert 'flagged prompt' in output and 'flagged output' in output
