@@ -20,7 +20,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_OVERRIDES, override_args
-from jaxgpt import state as state_lib
+from jaxgpt import sharding, state as state_lib
+from jaxgpt.config import JaxgptError
+from jaxgpt.data import builder, pipeline
+from jaxgpt.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train import make_train_step, train
 
 NUM_STEPS = 30
 # Dropout on, so that a resumed run must also draw the same dropout masks; a metrics record
@@ -186,3 +190,62 @@ def test_a_run_with_no_readable_checkpoint_stops_and_moves_nothing(paths, refere
   assert f'error: no checkpoint in {workdir}/checkpoints can be read (step 30: ' in out
   assert 'step 9: ' in out and 'Traceback' not in out
   assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['9', '18', '27', '30']
+
+
+def _nonfinite_config(tiny_config, on_nonfinite):
+  tiny_config.optim.lr = float('inf')  # the first update is 0 * inf = NaN, the next ones inf
+  tiny_config.train.update(num_steps=4, checkpoint_every=2, on_nonfinite=on_nonfinite, compilation_cache_dir='')
+  tiny_config.sample.prompts = ()
+  return tiny_config
+
+
+def test_a_nonfinite_batch_is_not_applied(tiny_config):
+  data = builder.prepare(tiny_config.data, log=lambda m: None)
+  model = state_lib.build_model(tiny_config, data.tokenizer.vocab_size)
+  tx = make_optimizer(tiny_config.optim, 10)
+  mesh = sharding.make_mesh(tiny_config.mesh)
+  state = state_lib.create_state(model, tx, tiny_config.seq_len, mesh, jax.random.key(0))
+  step = jax.jit(make_train_step(model, tx, learning_rate_schedule(tiny_config.optim, 10), 1))
+  batch = next(pipeline.make_iterator(data.chunks('train', tiny_config.seq_len + 1), seq_len=tiny_config.seq_len,
+                                      seed=0, shuffle=True, local_batch_size=tiny_config.batch_size))
+  state, metrics = step(state, batch)  # a good step, so that the optimizer state is not all zeros
+  assert bool(metrics['finite'])
+  before = jax.device_get(state)
+  targets = batch['targets'].copy()
+  targets[0, 0] = data.tokenizer.vocab_size  # a token id outside the vocabulary: its loss is NaN
+  bad = {**batch, 'targets': targets, 'loss_mask': np.ones_like(batch['loss_mask'])}
+  state, metrics = step(state, bad)
+  assert not bool(metrics['finite']) and not np.isfinite(float(metrics['loss']))
+  assert int(state.step) == 2  # the batch is consumed
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  state, metrics = step(state, batch)
+  assert bool(metrics['finite'])
+  assert not np.array_equal(np.asarray(state.params['token_embedding']), before.params['token_embedding'])
+
+
+def test_nonfinite_updates_are_skipped_and_counted(tiny_config, tmp_path, capsys):
+  config = _nonfinite_config(tiny_config, 'skip')
+  train(config, str(tmp_path))
+  out = capsys.readouterr().out
+  # Pulled from the device at each save (every 2 steps): one warning per pull.
+  assert 'warning: skipped the non-finite update of steps 1, 2 (step 1: loss ' in out
+  assert 'learning rate nan); 2 skipped in this run so far.' in out
+  assert 'warning: skipped the non-finite update of steps 3, 4 (step 3: ' in out and '4 skipped in this run' in out
+  records = _records(tmp_path)
+  assert [r['step'] for r in records] == [1, 2, 3, 4] and all(r['skipped'] for r in records)
+  data = builder.prepare(config.data, log=lambda m: None)
+  model = state_lib.build_model(config, data.tokenizer.vocab_size)
+  mesh = sharding.make_mesh(config.mesh)
+  initial = state_lib.create_state(model, make_optimizer(config.optim, 4), config.seq_len, mesh,
+                                   jax.random.key(config.seed))
+  _, params = _final_params(tmp_path)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing was applied
+
+
+def test_nonfinite_update_stops_the_run_naming_the_step(tiny_config, tmp_path):
+  with pytest.raises(JaxgptError, match=r"step 1: the update is not finite \(loss [0-9.]+, grad norm [0-9.]+, "
+                                        r"learning rate nan\)\. Stopped without applying it"):
+    train(_nonfinite_config(tiny_config, 'stop'), str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == []  # nothing saved
