@@ -111,7 +111,7 @@ def load_base(config) -> BaseModel:
     base_config, tokenizer = load_run(path)
     fields = base_config.model.to_dict()
     params = load_params(base_config, tokenizer, path)[1]
-  shape = {k: fields[k] for k in SHAPE_FIELDS + ('rope_theta',)}
+  shape = {k: fields[k] for k in SHAPE_FIELDS + (('rope_theta',) if fields['position'] == 'rope' else ())}
   diffs = [f'{k}: base {v}, config {config.model[k]}' for k, v in shape.items() if config.model[k] != v]
   if diffs:
     raise JaxgptError(f'the base model at init_from={path} has another shape than config.model ({"; ".join(diffs)}). '

@@ -19,13 +19,13 @@ import optax
 from absl import flags
 from jax.experimental import multihost_utils
 
-from jaxgpt import sharding, state as state_lib
+from jaxgpt import hf, sharding, state as state_lib
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
 from jaxgpt.data import builder, pipeline
 from jaxgpt.evaluate import generation_metrics, read_references
 from jaxgpt.metrics import MetricWriter, StepMetrics, format_duration, peak_flops_per_device
-from jaxgpt.model import flops_per_token, num_params
+from jaxgpt.model import chunked_cross_entropy, flops_per_token, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.preemption import StopSignals
 from jaxgpt.sample import Sampling, complete
@@ -39,9 +39,14 @@ def loss_sums(model, params, batch, rng=None):
 
   Sums rather than a mean so microbatches and eval batches combine exactly.
   """
-  logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
-                       deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  chunk = model.cfg.loss_chunk
+  outputs = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
+                        deterministic=rng is None, rngs=None if rng is None else {'dropout': rng},
+                        return_hidden=chunk > 0)
+  if chunk:
+    losses = chunked_cross_entropy(*outputs, batch['targets'].reshape(-1), chunk).reshape(batch['targets'].shape)
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(outputs, batch['targets'])
   mask = batch['loss_mask'].astype(jnp.float32)
   return (losses * mask).sum(), mask.sum()
 
@@ -160,11 +165,14 @@ def train(config, workdir: str) -> dict:
   rules = sharding.logical_rules(config.mesh)
   sharding.check_divisibility(config, mesh.shape)
   writer = MetricWriter(workdir)
+  # Fine-tuning: the data is tokenized with the base model's own tokenizer.
+  base = state_lib.load_base(config) if config.init_from else None
+  base_tokenizer = base.tokenizer if base else None
   if jax.process_index() == 0:  # one process builds the shared data cache; the others then reuse it
-    data = builder.prepare(config.data, log=writer.log)
+    data = builder.prepare(config.data, log=writer.log, tokenizer=base_tokenizer)
   multihost_utils.sync_global_devices('jaxgpt data prepared')
   if jax.process_index() != 0:
-    data = builder.prepare(config.data, log=writer.log)
+    data = builder.prepare(config.data, log=writer.log, tokenizer=base_tokenizer)
   tokenizer = data.tokenizer
   _prepare_workdir(workdir, config, tokenizer)
 
@@ -186,6 +194,10 @@ def train(config, workdir: str) -> dict:
   if restored is None:
     start = 0
     state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(config.seed), rules)
+    if base is not None:  # the base model's weights, placed as the random ones were; a fresh optimizer
+      state = state.replace(params=jax.device_put(hf.params_in_layout(base.params, config.model.scan_layers),
+                                                  jax.tree.map(lambda x: x.sharding, state.params)))
+      writer.log(f'initialised from {config.init_from}')
   else:
     start, state = restored
     writer.log(f'resumed from step {start} in {checkpointer.directory}')

@@ -38,10 +38,14 @@ def save_tokenizer(directory: str, vocab_size: int = 320) -> int:
   return tok.get_vocab_size()
 
 
-def save_gpt2(directory: str, layers: int = 2, heads: int = 2, width: int = 32, positions: int = 64):
-  """A random GPT2LMHeadModel with its tokenizer in `directory`; returns the model (eval mode)."""
+def save_gpt2(directory: str, layers: int = 2, heads: int = 2, width: int = 32, positions: int = 64,
+              vocab_size: int = 320):
+  """A random GPT2LMHeadModel with its tokenizer in `directory`; returns the model (eval mode).
+
+  vocab_size below 258 leaves no room for merges: one token per byte.
+  """
   _, transformers = require_transformers()
-  vocab = save_tokenizer(directory)
+  vocab = save_tokenizer(directory, vocab_size)
   config = transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers,
                                    n_head=heads, bos_token_id=0, eos_token_id=0)
   model = transformers.GPT2LMHeadModel(config).eval()

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxgpt.config import JaxgptError
-from jaxgpt.data import corpus, pipeline, sources
+from jaxgpt.data import corpus, instructions, pipeline, sources
 from jaxgpt.data.report import SPLITS, Report, table
 from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe, train_tokenizer
 
@@ -34,25 +34,27 @@ REPORT_FILE = 'report.json'
 
 
 class TokenizedText(tfds.core.GeneratorBasedBuilder):
-  """One example per document: its token ids, framed by BOS and EOS."""
+  """One example per document: its token ids, framed by BOS and EOS; for instruction data also
+  `loss_mask`, 1 on the tokens trained on (the responses)."""
 
   VERSION = tfds.core.Version('1.0.0')
 
-  def __init__(self, *, documents=None, **kwargs):
-    self._documents = documents  # split name -> iterator of token arrays; only when preparing
+  def __init__(self, *, documents=None, masked: bool = False, **kwargs):
+    self._documents = documents  # split name -> iterator of examples; only when preparing
+    self._masked = masked
     super().__init__(**kwargs)
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int32)}))
+    features = {'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int32)}
+    if self._masked:
+      features['loss_mask'] = tfds.features.Tensor(shape=(None,), dtype=np.uint8)
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(docs) for split, docs in self._documents.items()}
 
   def _generate_examples(self, docs):
-    for i, tokens in enumerate(docs):
-      yield i, {'tokens': tokens}
+    yield from enumerate(docs)
 
 
 @dataclasses.dataclass
@@ -75,27 +77,29 @@ class PreparedData:
     return os.path.join(self.directory, 'tfds', 'tokenized_text', str(TokenizedText.VERSION))
 
 
-def _fingerprint(data_cfg, source: sources.Source) -> str:
+def _fingerprint(data_cfg, source: sources.Source, tokenizer: Tokenizer | None) -> str:
   """Changes whenever a setting or an input that shapes the dataset changes."""
   settings = {k: v for k, v in data_cfg.to_dict().items() if k not in _SETTINGS_NOT_IN_DATA}
+  if tokenizer is not None:
+    settings['given_tokenizer'] = tokenizer.fingerprint
   files = [os.path.expanduser(p) for p in (data_cfg.tokenizer.path, data_cfg.safety.blocked_words_file) if p]
   stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files if os.path.exists(p)]
   blob = json.dumps([_FORMAT_VERSION, source.root, settings, source.identity(), stats], sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _tokenized(texts: Iterator[str], tokenizer: Tokenizer, counts: dict) -> Iterator[np.ndarray]:
-  def flush(batch):
-    for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-      ids = np.asarray(ids, np.int32)
-      counts['documents'] += 1
-      counts['bytes'] += len(text.encode('utf-8'))
-      counts['tokens'] += len(ids) + 2
-      counts['unknown'] += int(np.count_nonzero(ids == tokenizer.unk_id)) if tokenizer.unk_id is not None else 0
-      yield np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
+def _tokenized(texts: Iterator[str], tokenizer: Tokenizer, counts: dict, masked: bool) -> Iterator[dict]:
+  def framed(batch):
+    for ids in tokenizer.encode_batch(batch):
+      yield np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32), None
 
   for batch in corpus.batched(texts, _ENCODE_BATCH):
-    yield from flush(batch)
+    for text, (ids, mask) in zip(batch, instructions.encode(tokenizer, batch) if masked else framed(batch)):
+      counts['documents'] += 1
+      counts['bytes'] += len(instructions.without_markers(text).encode('utf-8'))
+      counts['tokens'] += len(ids)
+      counts['unknown'] += int(np.count_nonzero(ids == tokenizer.unk_id)) if tokenizer.unk_id is not None else 0
+      yield {'tokens': ids} if mask is None else {'tokens': ids, 'loss_mask': mask}
 
 
 def _make_tokenizer(data_cfg, directory: str, log) -> Tokenizer:
@@ -105,7 +109,8 @@ def _make_tokenizer(data_cfg, directory: str, log) -> Tokenizer:
     tokenizer = load_byte_level_bpe(tok_cfg.path, tok_cfg.eos_token)
     log(f'data: loaded a {tokenizer.vocab_size}-piece byte-level BPE tokenizer from {tok_cfg.path}')
     return tokenizer
-  tokenizer = train_tokenizer(corpus.read_clean(directory, 'train'), data_cfg.vocab_size,
+  texts = map(instructions.without_markers, corpus.read_clean(directory, 'train'))
+  tokenizer = train_tokenizer(texts, data_cfg.vocab_size,
                               tok_cfg.model_type, tok_cfg.special_tokens)
   log(f'data: trained a {tokenizer.vocab_size}-piece {tok_cfg.model_type.upper()} tokenizer '
       f'in {time.time() - start:.1f}s')
@@ -125,9 +130,12 @@ def check_settings(data_cfg) -> None:
       ('tokenizer.kind', data_cfg.tokenizer.kind, ('sentencepiece', 'byte_bpe')),
       ('tokenizer.model_type', data_cfg.tokenizer.model_type, ('bpe', 'unigram')),
       ('clean.unicode_form', data_cfg.clean.unicode_form, ('NFC', 'NFKC', '')),
-      ('safety.profanity', data_cfg.safety.profanity, ('off', 'flag', 'drop'))):
+      ('safety.profanity', data_cfg.safety.profanity, ('off', 'flag', 'drop')),
+      ('format', data_cfg.format, instructions.FORMATS)):
     if value not in allowed:
       problems.append(f'data.{field}={value!r} is not one of {", ".join(map(repr, allowed))}')
+  if data_cfg.format != 'text' and data_cfg.source != 'jsonl':
+    problems.append(f"data.format={data_cfg.format!r} reads JSONL records: set data.source='jsonl'")
   if data_cfg.source == 'tfds' and not data_cfg.tfds_name:
     problems.append("data.source='tfds' needs data.tfds_name")
   if data_cfg.tokenizer.kind == 'byte_bpe' and not data_cfg.tokenizer.path:
@@ -140,16 +148,17 @@ def check_settings(data_cfg) -> None:
     raise JaxgptError('invalid data config: ' + '; '.join(problems) + '.')
 
 
-def prepare(data_cfg, log=print) -> PreparedData:
+def prepare(data_cfg, log=print, tokenizer: Tokenizer | None = None) -> PreparedData:
   """Returns the cached tokenizer and dataset for `data_cfg`, building them if needed.
 
   Building: clean, deduplicate and split the source (corpus.py), train or load
-  the tokenizer, tokenize into TFDS array_record, and write the report.
+  the tokenizer (or use `tokenizer`, a base model's, over data.tokenizer),
+  tokenize into TFDS array_record, and write the report.
   """
   check_settings(data_cfg)
   source = sources.open_source(data_cfg)
   cache_root = os.path.expanduser(data_cfg.cache_dir)
-  directory = os.path.join(cache_root, f'{data_cfg.source}-{_fingerprint(data_cfg, source)}')
+  directory = os.path.join(cache_root, f'{data_cfg.source}-{_fingerprint(data_cfg, source, tokenizer)}')
   if os.path.isfile(os.path.join(directory, REPORT_FILE)):
     log(f'data: reusing {directory}')
     return _load(directory, reused=True)
@@ -165,7 +174,7 @@ def prepare(data_cfg, log=print) -> PreparedData:
   shutil.rmtree(building, ignore_errors=True)
   os.makedirs(building)
   try:
-    report = _build(source, data_cfg, building, log)
+    report = _build(source, data_cfg, building, log, tokenizer)
   except BaseException:
     shutil.rmtree(building, ignore_errors=True)
     raise
@@ -176,16 +185,18 @@ def prepare(data_cfg, log=print) -> PreparedData:
   return _load(directory, reused=False)
 
 
-def _build(source: sources.Source, data_cfg, building: str, log) -> dict:
+def _build(source: sources.Source, data_cfg, building: str, log, tokenizer: Tokenizer | None) -> dict:
   report = Report()
   corpus.clean_corpus(source, data_cfg, building, report)
-  tokenizer = _make_tokenizer(data_cfg, building, log)
+  tokenizer = tokenizer or _make_tokenizer(data_cfg, building, log)
   tokenizer.save(os.path.join(building, TOKENIZER_FILE))
 
   counts = {split: collections.Counter(documents=0, bytes=0, tokens=0, unknown=0) for split in SPLITS}
-  documents = {split: _tokenized(corpus.read_clean(building, split), tokenizer, counts[split]) for split in SPLITS}
+  masked = data_cfg.format != 'text'
+  documents = {split: _tokenized(corpus.read_clean(building, split), tokenizer, counts[split], masked)
+               for split in SPLITS}
   start = time.time()
-  builder = TokenizedText(documents=documents, data_dir=os.path.join(building, 'tfds'),
+  builder = TokenizedText(documents=documents, masked=masked, data_dir=os.path.join(building, 'tfds'),
                           file_format='array_record')
   builder.download_and_prepare()
   tokens = sum(c['tokens'] for c in counts.values())

@@ -5,7 +5,8 @@ arrays [rows, seq_len]:
   inputs, targets        next-token pairs
   segment_ids            1, 2, ... per packed document, 0 for padding
   positions              position inside each document (restarts at 0)
-  loss_mask              1 where the target belongs to the same document
+  loss_mask              1 where the target belongs to the same document (and, for
+                         instruction data, is a response token)
 
 Each JAX process reads only its own slice of the documents, so the rows one
 process yields are that process's share of the global batch. The iterator is
@@ -18,11 +19,16 @@ import grain
 import jax
 import numpy as np
 
+# What an example may hold: token ids, and for instruction data a per-token loss mask packed with them.
+_FEATURES = ('tokens', 'loss_mask')
+
 
 def _to_rows(packed: dict) -> dict:
   """Turns one packed row of seq_len + 1 tokens into the training layout."""
   tokens, seg, pos = packed['tokens'], packed['tokens_segment_ids'], packed['tokens_positions']
   same_doc = (seg[1:] == seg[:-1]) & (seg[1:] > 0)
+  if 'loss_mask' in packed:  # instruction data: only the responses' tokens are targets
+    same_doc &= packed['loss_mask'][1:] > 0
   return {
       'inputs': tokens[:-1].astype(np.int32),
       'targets': tokens[1:].astype(np.int32),
@@ -52,7 +58,8 @@ class DocumentChunks:
   def __getitem__(self, index: int) -> dict:
     doc = int(self._doc_of_chunk[index])
     start = (index - int(self._first_chunk[doc])) * self._chunk_len
-    return {'tokens': np.asarray(self._documents[doc]['tokens'][start:start + self._chunk_len])}
+    example = self._documents[doc]
+    return {k: np.asarray(example[k][start:start + self._chunk_len]) for k in _FEATURES if k in example}
 
 
 def make_iterator(source, *, seq_len: int, local_batch_size: int, seed: int,
@@ -70,9 +77,10 @@ def make_iterator(source, *, seq_len: int, local_batch_size: int, seed: int,
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if shuffle:
     ds = ds.seed(seed).shuffle()
-  ds = ds.repeat(None).map(lambda example: {'tokens': example['tokens']})
+  features = [k for k in _FEATURES if k in source[0]]
+  ds = ds.repeat(None).map(lambda example: {k: example[k] for k in features})
   packed = grain.experimental.ConcatThenSplitIterDataset(
-      ds.to_iter_dataset(), length_struct={'tokens': seq_len + 1})
+      ds.to_iter_dataset(), length_struct={k: seq_len + 1 for k in features})
   return BatchIterator(iter(packed.map(_to_rows).batch(local_batch_size, drop_remainder=True)))
 
 

@@ -20,6 +20,7 @@ import sysconfig
 from collections.abc import Iterator
 
 from jaxgpt.config import JaxgptError
+from jaxgpt.data.instructions import render, string_field
 
 SOURCES = ('stdlib', 'dir', 'jsonl', 'tfds')
 
@@ -182,18 +183,6 @@ def _decode(raw: bytes, where: str, on_bad_utf8: str) -> Extracted:
     return Extracted(None, 'not valid UTF-8', detail)
 
 
-def _field(record: dict, name: str) -> tuple[str | None, str]:
-  """The string in `record[name]`, or None and why not."""
-  if name not in record:
-    return None, f'missing field {name!r}'
-  value = record[name]
-  if not isinstance(value, str):
-    return None, f'field {name!r} is not a string'
-  if not value.strip():
-    return None, f'empty field {name!r}'
-  return value, ''
-
-
 def _from_json_line(line: str, data_cfg) -> Extracted:
   try:
     record = json.loads(line)
@@ -201,14 +190,16 @@ def _from_json_line(line: str, data_cfg) -> Extracted:
     return Extracted(None, 'invalid JSON', e.msg)
   if not isinstance(record, dict):
     return Extracted(None, 'not a JSON object', type(record).__name__)
+  if data_cfg.format != 'text':
+    return Extracted(*render(record, data_cfg))
   if data_cfg.instruction_field:
     fields = {}
     for role, name in (('instruction', data_cfg.instruction_field), ('response', data_cfg.response_field)):
-      fields[role], problem = _field(record, name)
+      fields[role], problem = string_field(record, name)
       if problem:
         return Extracted(None, problem)
     return Extracted(data_cfg.instruction_format.format(**fields))
-  text, problem = _field(record, data_cfg.text_field)
+  text, problem = string_field(record, data_cfg.text_field)
   return Extracted(text, problem)
 
 
