@@ -97,11 +97,6 @@ def base_config() -> ConfigDict:
 
   # Fine-tuning (docs/finetuning.md): start from a base model, trained with that model's tokenizer.
   c.init_from = ''  # a Hugging Face directory (GPT-2, Llama) or a jaxgpt run directory; '' = random init
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 0  # 0 = full fine-tuning; > 0 trains only rank-r adapters on lora.targets (needs init_from)
-  c.lora.alpha = 16.0  # the adapters' update is scaled by alpha / rank
-  c.lora.dropout = 0.0  # DropConnect on the adapters' A matrices during training (jaxgpt/lora.py says why)
-  c.lora.targets = ('query', 'value')  # of query, key, value, out, mlp_up, mlp_gate, mlp_down
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
