@@ -117,6 +117,9 @@ def base_config() -> ConfigDict:
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.scan_layers = True  # compile time independent of depth
   c.model.remat = 'none'  # 'none', 'full' or 'dots' (save matmul outputs)
+  # >0: compute the loss's logits this many tokens at a time, never all batch x seq x vocab of them
+  # at once (worth it for large vocabularies); must divide the tokens per microbatch.
+  c.model.loss_chunk = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-3

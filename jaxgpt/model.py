@@ -47,6 +47,7 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype; parameters are always float32
   scan_layers: bool = True
   remat: str = 'none'  # 'none' | 'full' | 'dots'
+  loss_chunk: int = 0  # >0: the training loss computes logits this many tokens at a time
 
   @property
   def head_dim(self) -> int:
@@ -207,8 +208,12 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None,
-               deterministic: bool = True, cache=None):
+               deterministic: bool = True, cache=None, return_hidden: bool = False):
     """Returns float32 logits [B, T, V], or (logits, updated cache) when given a cache.
+
+    With return_hidden, returns (final hidden states [B*T, D] in float32, output
+    projection [D, V]) instead of logits, for a loss that never holds all the
+    logits at once (`chunked_cross_entropy`).
 
     segment_ids and positions come from packing several documents into one
     row: attention stays inside a document and positions restart at each one.
@@ -256,13 +261,36 @@ class GPT(nn.Module):
 
     x_NxD = Norm(cfg.norm, name='ln_final')(x_BxTxD).reshape(B * T, -1).astype(jnp.float32)
     if cfg.tie_embeddings:  # GPT-2 reuses the input embedding as the output projection
-      logits_NxV = x_NxD @ wte_VxD.T
+      head_DxV = wte_VxD.T
     else:
-      logits_NxV = x_NxD @ self.param('output', _normal(0.02, ('embed', 'vocab')), (cfg.embed_dim, cfg.vocab_size))
+      head_DxV = self.param('output', _normal(0.02, ('embed', 'vocab')), (cfg.embed_dim, cfg.vocab_size))
+    if return_hidden:
+      return x_NxD, head_DxV
     # Logits in float32 so the softmax is stable in bf16 runs.
-    logits_BxTxV = logits_NxV.reshape(B, T, cfg.vocab_size)
+    logits_BxTxV = (x_NxD @ head_DxV).reshape(B, T, cfg.vocab_size)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ('act_batch', 'act_length', 'act_vocab'))
     return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+
+def chunked_cross_entropy(hidden_NxD, head_DxV, targets_N, chunk: int):
+  """Per-token cross-entropy [N], computing the logits `chunk` tokens at a time.
+
+  Each chunk's [chunk, V] logits are rematerialised in the backward pass, so
+  peak memory holds one chunk's logits instead of all N x V of them: with
+  GPT-2's 50k vocabulary that is the largest activation of the step.
+  """
+  N, D = hidden_NxD.shape
+  if N % chunk:
+    raise ValueError(f'{N} tokens do not split into chunks of {chunk}')
+
+  @jax.checkpoint
+  def chunk_losses(h_CxD, t_C):
+    logits_CxV = h_CxD @ head_DxV
+    return jax.nn.logsumexp(logits_CxV, axis=-1) - jnp.take_along_axis(logits_CxV, t_C[:, None], axis=-1)[:, 0]
+
+  _, losses = jax.lax.scan(lambda _, xs: (None, chunk_losses(*xs)), None,
+                           (hidden_NxD.reshape(N // chunk, chunk, D), targets_N.reshape(N // chunk, chunk)))
+  return losses.reshape(N)
 
 
 def num_params(params) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt.model import GPT, ModelConfig, flops_per_token, num_params
+from jaxgpt.model import GPT, ModelConfig, chunked_cross_entropy, flops_per_token, num_params
 
 CFG = ModelConfig(vocab_size=97, max_len=32, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
 LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False, tie_embeddings=False, num_kv_heads=2)
@@ -129,3 +129,21 @@ def test_llama_style_parameter_count():
   D, M, G, K = 64, 96, 2, 8
   per_layer = D * D * 2 + 2 * D * G * K + 3 * D * M + 2 * D  # q, out, k, v, gate/up/down, two norms
   assert num_params(shapes) == 2 * per_layer + 2 * 1000 * D + D  # untied in/out embeddings, final norm
+
+
+def test_chunked_cross_entropy_matches_the_full_loss_and_gradients():
+  cfg = dataclasses.replace(CFG, tie_embeddings=False)
+  model, params = _init(cfg)
+  tokens = jax.random.randint(jax.random.key(6), (2, 17), 0, cfg.vocab_size)
+
+  def full(p):
+    logits = model.apply({'params': p}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  def chunked(p):
+    hidden, head = model.apply({'params': p}, tokens[:, :-1], return_hidden=True)
+    return chunked_cross_entropy(hidden, head, tokens[:, 1:].reshape(-1), chunk=8).mean()
+
+  np.testing.assert_allclose(chunked(params), full(params), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(jax.grad(chunked)(params)), jax.tree.leaves(jax.grad(full)(params))):
+    np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5)

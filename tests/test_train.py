@@ -89,3 +89,15 @@ def test_checkpoint_round_trip_restores_state_and_data_position(tiny_config, tmp
   for key in expected_batch:
     np.testing.assert_array_equal(got_batch[key], expected_batch[key])
   assert checkpointer.read_meta(3)['tokenizer_fingerprint'] == data.tokenizer.fingerprint
+
+
+def test_chunked_loss_gives_the_same_training_step(tiny_config):
+  results = []
+  for chunk in (0, 128):
+    tiny_config.model.loss_chunk = chunk
+    _, _, _, _, state, step, batches = _setup(tiny_config)
+    state, metrics = step(state, next(batches))
+    results.append((float(metrics['loss']), state.params))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
