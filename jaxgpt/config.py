@@ -116,7 +116,7 @@ def base_config() -> ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.scan_layers = True  # compile time independent of depth
-  c.model.remat = 'none'  # 'none', 'full' or 'dots' (save matmul outputs)
+  c.model.remat = 'none'  # 'none', 'full', 'dots' (save matmul outputs) or 'offload' (keep them on the host)
   # >0: compute the loss's logits this many tokens at a time, never all batch x seq x vocab of them
   # at once (worth it for large vocabularies); must divide the tokens per microbatch.
   c.model.loss_chunk = 0
@@ -259,7 +259,7 @@ def validate(config: ConfigDict) -> None:
     problems.append(f"data.on_bad_utf8={d.on_bad_utf8!r} is not 'skip', 'repair' or 'error'")
   if not 0 < d.val_fraction < 1:
     problems.append(f'data.val_fraction={d.val_fraction} must be between 0 and 1')
-  for field, allowed in (('remat', ('none', 'full', 'dots')), ('position', ('learned', 'rope')),
+  for field, allowed in (('remat', ('none', 'full', 'dots', 'offload')), ('position', ('learned', 'rope')),
                          ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
                          ('attention', ('auto', 'xla', 'cudnn'))):
     if m[field] not in allowed:

@@ -46,7 +46,7 @@ class ModelConfig:
   dropout_rate: float = 0.0
   dtype: str = 'float32'  # compute dtype; parameters are always float32
   scan_layers: bool = True
-  remat: str = 'none'  # 'none' | 'full' | 'dots'
+  remat: str = 'none'  # 'none' | 'full' | 'dots' | 'offload'
   loss_chunk: int = 0  # >0: the training loss computes logits this many tokens at a time
 
   @property
@@ -200,6 +200,8 @@ class Block(nn.Module):
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Like 'dots', but the saved matmul outputs wait in host memory instead of on the device.
+    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 
 

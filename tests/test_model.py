@@ -55,7 +55,8 @@ def test_packed_documents_do_not_see_each_other(cfg):
   np.testing.assert_allclose(packed_logits[:, :6], alone_a, atol=1e-5)
 
 
-@pytest.mark.parametrize('scan_layers,remat', [(False, 'none'), (True, 'full'), (True, 'dots'), (False, 'full')])
+@pytest.mark.parametrize('scan_layers,remat', [(False, 'none'), (True, 'full'), (True, 'dots'), (True, 'offload'),
+                                               (False, 'full')])
 @pytest.mark.parametrize('cfg', [CFG, VARIANTS['llama']], ids=['gpt2', 'llama'])
 def test_scan_and_remat_give_the_same_loss_and_gradients(cfg, scan_layers, remat):
   model, params = _init(cfg)

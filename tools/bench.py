@@ -132,7 +132,7 @@ def main(argv):
     return
   print(HEADER)
   if FLAGS.sweep == 'remat':
-    for policy in ('none', 'dots', 'full'):
+    for policy in ('none', 'dots', 'offload', 'full'):
       config.model.remat = policy
       print(_row(f'remat={policy}', measure(config, FLAGS.steps, FLAGS.rounds)), flush=True)
     return
