@@ -25,8 +25,8 @@ def import_hf(directory: str, workdir: str) -> str:
   config = base_config()
   config.model.update(fields)
   config.seq_len = min(config.seq_len, config.model.max_len)
-  config.data.tokenizer.update(kind='byte_bpe', path=os.path.abspath(os.path.expanduser(directory)),
-                               eos_token=tokenizer.eos_token)
+  config.data.tokenizer.update(kind='byte_bpe', eos_token=tokenizer.eos_token,
+                               path=hf.tokenizer_path(os.path.abspath(os.path.expanduser(directory))))
   state_lib.save_initial_run(config, tokenizer, params, workdir)
   return workdir
 

@@ -179,7 +179,7 @@ def params_from_hf(tensors: dict, fields: dict, kind: str) -> dict:
   """jaxgpt params (layers stacked, as nn.scan keeps them) from HF tensors."""
   layout = _LAYOUT[kind]
   # GPT-2 checkpoints name tensors with or without the 'transformer.' prefix (GPT2Model vs LMHead).
-  tensors = {n.removeprefix(layout['prefix']) if layout['prefix'] else n: t for n, t in tensors.items()}
+  tensors = {n.removeprefix(layout['prefix']): t for n, t in tensors.items()}
 
   def take(name):
     if name not in tensors:
@@ -248,16 +248,21 @@ def load_hf(directory: str):
   with open(config_path) as f:
     hf = json.load(f)
   fields = model_fields(hf)
-  tokenizer_json = os.path.join(directory, 'tokenizer.json')
-  tokenizer = load_byte_level_bpe(tokenizer_json if os.path.isfile(tokenizer_json) else directory,
-                                  _eos_token(directory, hf))
+  tokenizer = load_byte_level_bpe(tokenizer_path(directory), _eos_token(directory))
   if tokenizer.vocab_size != hf['vocab_size']:
     raise JaxgptError(f'the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model '
                       f'{hf["vocab_size"]} embeddings; jaxgpt needs them equal.')
   return fields, tokenizer, params_from_hf(read_safetensors(directory), fields, hf['model_type'])
 
 
-def _eos_token(directory: str, hf: dict) -> str:
+def tokenizer_path(directory: str) -> str:
+  """tokenizer.json when the directory has one (it holds the exact pre-tokenizer), else the directory
+  (vocab.json + merges.txt)."""
+  tokenizer_json = os.path.join(directory, 'tokenizer.json')
+  return tokenizer_json if os.path.isfile(tokenizer_json) else directory
+
+
+def _eos_token(directory: str) -> str:
   """The end-of-text token: tokenizer_config.json's, else GPT-2's."""
   path = os.path.join(directory, 'tokenizer_config.json')
   if os.path.isfile(path):
