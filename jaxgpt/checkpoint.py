@@ -44,7 +44,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int | None = None, keep_every: int = 0):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     if keep is None:
-      options = ocp.CheckpointManagerOptions(read_only=True)
+      options = ocp.CheckpointManagerOptions(create=False)  # (read_only=True logs a warning on every use)
     else:
       policies = [ocp.checkpoint_managers.LatestN(keep)]
       if keep_every:

@@ -211,6 +211,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     bad = [a for a in argv[1:] if a.startswith('--config.')]
     _fail(f'unknown config field in {" ".join(bad)} ({e}). '
           f'Check the spelling against the fields of {path}.')
+  except SyntaxError as e:
+    _fail(f'config file {e.filename} has a syntax error at line {e.lineno}: {e.msg}. Fix the file.')
+  except Exception as e:  # the config file is Python: running it can raise anything
+    _fail(f'config file {path} failed to load ({type(e).__name__}: {e}). Fix the file.')
   return []  # unreachable: _fail exits
 
 

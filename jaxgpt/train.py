@@ -118,8 +118,8 @@ def _log_validation(writer, step: int, results: dict) -> None:
   writer.scalars(step, {f'val/{k}': v for k, v in results.items()})
 
 
-def _prepare_workdir(workdir: str, config, tokenizer) -> None:
-  """Checks the workdir can be written and belongs to this tokenizer; saves config and tokenizer."""
+def _check_writable(workdir: str) -> None:
+  """Creates the workdir and writes a file in it, before anything else would fail to."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write-probe-{os.getpid()}')
@@ -128,6 +128,10 @@ def _prepare_workdir(workdir: str, config, tokenizer) -> None:
     os.remove(probe)
   except OSError as e:
     raise JaxgptError(f'cannot write to --workdir {workdir} ({e.strerror}). Choose a writable directory.') from None
+
+
+def _check_tokenizer(workdir: str, tokenizer) -> None:
+  """Refuses a workdir whose run used another tokenizer."""
   saved = os.path.join(workdir, state_lib.TOKENIZER_FILE)
   if os.path.isfile(saved):
     from jaxgpt.data.tokenizer import Tokenizer
@@ -137,8 +141,12 @@ def _prepare_workdir(workdir: str, config, tokenizer) -> None:
           f'{workdir} belongs to a run with a different tokenizer ({old.fingerprint}, now '
           f'{tokenizer.fingerprint}): the data settings changed. Use the same data settings as '
           'that run, or a new --workdir.')
+
+
+def _save_run_files(workdir: str, config, tokenizer) -> None:
+  """The config and tokenizer that sample, evaluate and serve read; written once resuming is known to work."""
   if jax.process_index() == 0:
-    tokenizer.save(saved)
+    tokenizer.save(os.path.join(workdir, state_lib.TOKENIZER_FILE))
     with open(os.path.join(workdir, state_lib.CONFIG_FILE), 'w') as f:
       f.write(config.to_json(indent=2))
 
@@ -164,6 +172,7 @@ def train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_divisibility(config, mesh.shape)
+  _check_writable(workdir)
   writer = MetricWriter(workdir)
   # Fine-tuning: the data is tokenized with the base model's own tokenizer.
   base = state_lib.load_base(config) if config.init_from else None
@@ -174,7 +183,7 @@ def train(config, workdir: str) -> dict:
   if jax.process_index() != 0:
     data = builder.prepare(config.data, log=writer.log, tokenizer=base_tokenizer)
   tokenizer = data.tokenizer
-  _prepare_workdir(workdir, config, tokenizer)
+  _check_tokenizer(workdir, tokenizer)
 
   model = state_lib.build_model(config, tokenizer.vocab_size)
   steps = config.train.num_steps
@@ -201,6 +210,7 @@ def train(config, workdir: str) -> dict:
   else:
     start, state = restored
     writer.log(f'resumed from step {start} in {checkpointer.directory}')
+  _save_run_files(workdir, config, tokenizer)
 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)

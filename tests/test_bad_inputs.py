@@ -1,0 +1,137 @@
+"""Bad inputs to every command: each exits non-zero with one readable line naming the problem.
+
+The table is docs/troubleshooting.md's, case for case. The commands run as real
+subprocesses, a few at a time, since each spends most of its time importing JAX.
+"""
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import TINY_OVERRIDES, override_args, run_module
+
+QUICKSTART = ('--config', 'configs/quickstart.py')
+TWO_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+
+
+def _cases(root, data_cache, trained_run):
+  """(id, module, args, env, the message expected on stderr)."""
+  tiny = (*QUICKSTART, *override_args(TINY_OVERRIDES), f'--config.data.cache_dir={data_cache}')
+  workdir = str(root / 'run')
+  return [
+      ('override of the wrong type', 'jaxgpt.train', (*QUICKSTART, '--workdir', workdir, '--config.optim.lr=fast'),
+       None, "--config.optim.lr=fast"),
+      ('unknown field', 'jaxgpt.train', (*QUICKSTART, '--workdir', workdir, '--config.model.depth=3'),
+       None, 'unknown config field in --config.model.depth=3'),
+      ('zero batch size', 'jaxgpt.train', (*QUICKSTART, '--workdir', workdir, '--config.batch_size=0'),
+       None, 'invalid config: batch_size=0 must be positive.'),
+      ('negative layers', 'jaxgpt.train', (*QUICKSTART, '--workdir', workdir, '--config.model.num_layers=-2'),
+       None, 'invalid config: model.num_layers=-2 must be positive.'),
+      ('seq_len beyond the context', 'jaxgpt.train', (*QUICKSTART, '--workdir', workdir, '--config.seq_len=256'),
+       None, 'seq_len=256 exceeds model.max_len=128'),
+      ('batch not divisible by devices', 'jaxgpt.train', (*QUICKSTART, '--workdir', workdir, '--config.batch_size=7'),
+       TWO_DEVICES, 'not divisible by the data-parallel size 2'),
+      ('mesh larger than the machine', 'jaxgpt.train', (*QUICKSTART, '--workdir', workdir, '--config.mesh.data=3'),
+       None, 'mesh (data=3, fsdp=1, tensor=1) needs 3 devices but 1 are available'),
+      ('unknown non-finite policy', 'jaxgpt.train',
+       (*QUICKSTART, '--workdir', workdir, '--config.train.on_nonfinite=maybe'),
+       None, "train.on_nonfinite='maybe' is not 'skip' or 'stop'"),
+      ('missing config file', 'jaxgpt.train', ('--config', 'configs/nope.py', '--workdir', workdir),
+       None, "config file 'configs/nope.py' does not exist"),
+      ('config file with a syntax error', 'jaxgpt.train', ('--config', str(root / 'broken.py'), '--workdir', workdir),
+       None, 'broken.py has a syntax error at line 1'),
+      ('no workdir', 'jaxgpt.train', QUICKSTART, None, '--workdir is required'),
+      ('empty JSONL', 'jaxgpt.train',
+       (*tiny, '--workdir', workdir, '--config.data.source=jsonl', f'--config.data.path={root / "empty.jsonl"}'),
+       None, 'no usable text in'),
+      ('missing JSONL', 'jaxgpt.train',
+       (*tiny, '--workdir', workdir, '--config.data.source=jsonl', f'--config.data.path={root / "nope.jsonl"}'),
+       None, 'nope.jsonl\' is not a file'),
+      ('binary file in a text directory', 'jaxgpt.train',
+       (*tiny, '--workdir', workdir, '--config.data.source=dir', f'--config.data.path={root / "texts"}',
+        '--config.data.on_bad_utf8=error'), None, 'binary.txt is not valid UTF-8'),
+      ('workdir under a file', 'jaxgpt.train', (*tiny, '--workdir', str(root / 'a_file' / 'run')),
+       None, 'cannot write to --workdir'),
+      ('checkpoint too big for the disk', 'jaxgpt.train',
+       (*tiny, '--workdir', str(root / 'huge'), '--config.model.num_layers=64', '--config.model.num_heads=64',
+        '--config.model.embed_dim=65536', '--config.model.mlp_dim=262144'),
+       None, 'but one checkpoint of this model (parameters and optimizer state) takes'),
+      ('checkpoint of another architecture', 'jaxgpt.train',
+       (*tiny, '--workdir', str(root / 'other_architecture'), '--config.model.num_layers=3'),
+       None, 'has a different model shape (num_layers: checkpoint 2, config 3)'),
+      ('prepare without a config', 'jaxgpt.prepare', (), None, 'no config given'),
+      ('prepare with a zero vocabulary', 'jaxgpt.prepare', (*QUICKSTART, '--config.data.vocab_size=0'),
+       None, 'data.vocab_size=0 must be positive'),
+      ('sample from a directory that is not a run', 'jaxgpt.sample', ('--workdir', str(root)),
+       None, 'is not a jaxgpt run directory'),
+      ('sample with the tokenizer missing', 'jaxgpt.sample', ('--workdir', str(root / 'no_tokenizer')),
+       None, 'cannot load the tokenizer at'),
+      ('sample with a corrupt tokenizer', 'jaxgpt.sample', ('--workdir', str(root / 'bad_tokenizer')),
+       None, 'cannot load the tokenizer at'),
+      ('sample before any checkpoint', 'jaxgpt.sample', ('--workdir', str(root / 'no_checkpoint')),
+       None, 'has no checkpoint yet'),
+      ('sample zero tokens', 'jaxgpt.sample', ('--workdir', trained_run, '--max_new_tokens', '0'),
+       None, 'max_new_tokens=0 must be between 1 and 63'),
+      ('sample with top_p above 1', 'jaxgpt.sample', ('--workdir', trained_run, '--top_p', '2'),
+       None, '--top_p must be in (0, 1]'),
+      ('evaluate without a workdir', 'jaxgpt.evaluate', (), None, '--workdir is required'),
+      ('evaluate with a zero batch', 'jaxgpt.evaluate', ('--workdir', trained_run, '--batch_size', '0'),
+       None, '--max_docs and --batch_size must be positive'),
+      ('convert a Hugging Face directory without weights', 'jaxgpt.convert',
+       ('--workdir', str(root / 'converted'), '--import_hf', str(root / 'hf')),
+       None, 'is not a Hugging Face model directory'),
+      ('convert without a direction', 'jaxgpt.convert', ('--workdir', trained_run),
+       None, 'give --workdir and exactly one of --import_hf'),
+  ]
+
+
+def _make_inputs(root, trained_run) -> None:
+  (root / 'broken.py').write_text('def get_config(:\n')
+  (root / 'empty.jsonl').write_text('')
+  (root / 'texts').mkdir()
+  (root / 'texts' / 'notes.txt').write_text('plain text\n')
+  (root / 'texts' / 'binary.txt').write_bytes(bytes(range(256)) * 8)
+  (root / 'a_file').write_text('not a directory')
+  (root / 'hf').mkdir()
+  (root / 'hf' / 'config.json').write_text('{}')
+  shutil.copytree(trained_run, root / 'other_architecture')
+  for name in ('no_tokenizer', 'bad_tokenizer', 'no_checkpoint'):
+    shutil.copytree(trained_run, root / name, ignore=shutil.ignore_patterns('checkpoints'))
+  os.remove(root / 'no_tokenizer' / 'tokenizer.model')
+  (root / 'bad_tokenizer' / 'tokenizer.model').write_bytes(b'not a sentencepiece model')
+  shutil.copytree(os.path.join(trained_run, 'checkpoints'), root / 'no_tokenizer' / 'checkpoints')
+
+
+@pytest.fixture(scope='module')
+def outcomes(tmp_path_factory, data_cache, trained_run):
+  root = tmp_path_factory.mktemp('bad_inputs')
+  _make_inputs(root, trained_run)
+  cases = _cases(root, data_cache, trained_run)
+  with ThreadPoolExecutor(max_workers=3) as pool:
+    results = pool.map(lambda c: run_module(c[1], *c[2], env=c[3]), cases)
+    return {case[0]: (case, result) for case, result in zip(cases, results)}
+
+
+def test_the_table_has_every_command(outcomes):
+  assert len(outcomes) >= 20
+  assert {case[1] for case, _ in outcomes.values()} == {
+      'jaxgpt.train', 'jaxgpt.prepare', 'jaxgpt.sample', 'jaxgpt.evaluate', 'jaxgpt.convert'}
+
+
+def test_each_bad_input_is_one_clear_error(outcomes):
+  failures = []
+  for name, ((_, module, _, _, message), result) in outcomes.items():
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    if result.returncode == 0 or 'Traceback' in result.stderr or len(errors) != 1 or message not in errors[0]:
+      failures.append(f'{name} ({module}): exit {result.returncode}\n{result.stderr[-800:]}')
+  assert not failures, f'{len(failures)} failed:\n\n' + '\n\n'.join(failures)
+
+
+def test_a_refused_resume_leaves_the_run_untouched(outcomes):
+  (_, _, args, _, _), _ = outcomes['checkpoint of another architecture']
+  workdir = args[args.index('--workdir') + 1]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['num_layers'] == 2  # sample, evaluate and serve still load it
