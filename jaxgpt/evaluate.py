@@ -18,7 +18,6 @@ import os
 from collections.abc import Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags

@@ -4,7 +4,6 @@ import json
 import math
 import os
 
-import jax
 import numpy as np
 import optax
 

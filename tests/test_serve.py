@@ -163,8 +163,8 @@ def test_fifty_concurrent_requests_are_all_answered(server):
     assert responses[i].json()['choices'][0]['text'] == alone
 
 
-def test_flagged_prompt_and_output_carry_their_flags_and_are_logged(server, flagged_word):
-  client, process = server
+def test_flagged_prompt_and_output_carry_their_flags(server, flagged_word):
+  client, _ = server
   word, expected_text = flagged_word
   flagged_prompt = client.post('/v1/completions', json={'prompt': FLAGGED_PROMPT, 'max_tokens': 4}).json()
   assert flagged_prompt['safety']['prompt']['profane'] and flagged_prompt['safety']['prompt']['words'] == ['zorblax']
