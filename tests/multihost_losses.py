@@ -16,13 +16,13 @@ PROCESS_ID, NUM_PROCESSES, PORT, CKPT = int(sys.argv[1]), int(sys.argv[2]), sys.
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={4 // NUM_PROCESSES}'
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import ml_collections  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import quickstart  # noqa: E402
 from jaxgpt import sharding, state as state_lib  # noqa: E402
 from jaxgpt.checkpoint import Checkpointer  # noqa: E402
+from jaxgpt.data.pipeline import random_batch  # noqa: E402
 from jaxgpt.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from jaxgpt.train import make_train_step  # noqa: E402
 
@@ -30,12 +30,8 @@ VOCAB, SEQ, BATCH = 256, 32, 8
 
 
 def local_rows(step: int) -> dict:
-  tokens = np.random.default_rng(step).integers(3, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
   rows = slice(PROCESS_ID * BATCH // NUM_PROCESSES, (PROCESS_ID + 1) * BATCH // NUM_PROCESSES)
-  tokens = tokens[rows]
-  n = len(tokens)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': np.ones((n, SEQ), np.int32),
-          'positions': np.tile(np.arange(SEQ, dtype=np.int32), (n, 1)), 'loss_mask': np.ones((n, SEQ), np.int32)}
+  return {k: v[rows] for k, v in random_batch(BATCH, SEQ, VOCAB, seed=step).items()}
 
 
 def main():
@@ -61,7 +57,7 @@ def main():
       state, metrics = step(state, sharding.global_batch(local_rows(i), mesh))
       losses.append(float(metrics['loss']))
   checkpointer = Checkpointer(CKPT, keep=1)
-  checkpointer.save(3, state, _NoData(), {'note': 'test'})
+  checkpointer.save(3, state, None, {'note': 'test'})
   checkpointer.wait()
   restored = checkpointer.restore(3, state_lib.abstract_state(model, tx, SEQ, mesh))
   checkpointer.close()
@@ -69,19 +65,6 @@ def main():
     _, metrics = step(restored, sharding.global_batch(local_rows(3), mesh))
   print(json.dumps({'losses': losses, 'after_restore': float(metrics['loss']), 'process': jax.process_index(),
                     'devices': jax.device_count()}))
-
-
-class _NoData:
-  """A data-iterator stand-in with an empty state: this test feeds batches by hand."""
-
-  def get_state(self) -> bytes:
-    return b'{}'
-
-  def set_state(self, state) -> None:
-    pass
-
-  def start_prefetch(self) -> None:
-    pass
 
 
 if __name__ == '__main__':

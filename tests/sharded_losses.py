@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import quickstart  # noqa: E402
 from jaxgpt import sharding, state as state_lib  # noqa: E402
 from jaxgpt.checkpoint import Checkpointer  # noqa: E402
+from jaxgpt.data.pipeline import random_batch  # noqa: E402
 from jaxgpt.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from jaxgpt.train import make_train_step  # noqa: E402
 
@@ -29,22 +30,7 @@ VOCAB, SEQ, BATCH = 256, 32, 16
 
 
 def batch(step: int) -> dict:
-  tokens = np.random.default_rng(step).integers(3, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': np.ones((BATCH, SEQ), np.int32),
-          'positions': np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1)), 'loss_mask': np.ones((BATCH, SEQ), np.int32)}
-
-
-class NoData:
-  """An empty data-iterator state: these batches are made by hand."""
-
-  def get_state(self) -> bytes:
-    return b'{}'
-
-  def set_state(self, state) -> None:
-    pass
-
-  def start_prefetch(self) -> None:
-    pass
+  return random_batch(BATCH, SEQ, VOCAB, seed=step)
 
 
 def setup(mesh_shape):
@@ -76,7 +62,7 @@ def run(mesh_shape, checkpoint_dir=None):
       losses.append(float(metrics['loss']))
   if checkpoint_dir:
     checkpointer = Checkpointer(checkpoint_dir, keep=1)
-    checkpointer.save(3, state, NoData(), {})
+    checkpointer.save(3, state, None, {})
     checkpointer.wait()
   params = [float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(state.params)]
   with sharding.activation_rules(mesh):

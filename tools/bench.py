@@ -21,11 +21,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from jaxgpt import sharding, state as state_lib  # noqa: E402
 from jaxgpt.config import base_config, define_config_flag, run_cli  # noqa: E402
+from jaxgpt.data.pipeline import random_batch  # noqa: E402
 from jaxgpt.metrics import peak_flops_per_device  # noqa: E402
 from jaxgpt.model import flops_per_token  # noqa: E402
 from jaxgpt.optim import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -50,10 +50,7 @@ def preset_config(name: str):
 
 
 def _batch(config, step: int) -> dict:
-  B, T, V = config.batch_size, config.seq_len, config.data.vocab_size
-  tokens = np.random.default_rng(step).integers(3, V, (B, T + 1)).astype(np.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': np.ones((B, T), np.int32),
-          'positions': np.tile(np.arange(T, dtype=np.int32), (B, 1)), 'loss_mask': np.ones((B, T), np.int32)}
+  return random_batch(config.batch_size, config.seq_len, config.data.vocab_size, seed=step)
 
 
 def measure(config, steps: int = 10, rounds: int = 3) -> dict:

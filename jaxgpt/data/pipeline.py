@@ -117,3 +117,14 @@ def _with_slice_tuples(state):
     return {k: ({f: tuple(v) for f, v in s.items()} if k == 'remainder_slices' else _with_slice_tuples(s))
             for k, s in state.items()}
   return state
+
+
+def random_batch(rows: int, seq_len: int, vocab_size: int, seed: int) -> dict:
+  """A batch of uniformly random tokens in the training layout, one document per row.
+
+  For benchmarks and tests that measure the step, not the data.
+  """
+  tokens = np.random.default_rng(seed).integers(3, vocab_size, (rows, seq_len + 1)).astype(np.int32)
+  ones = np.ones((rows, seq_len), np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': ones,
+          'positions': np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)), 'loss_mask': ones}
