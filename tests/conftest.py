@@ -4,6 +4,7 @@ Tests that need several (fake) devices or several processes run in a
 subprocess, because XLA_FLAGS must be set before jax initialises.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -35,6 +36,23 @@ TINY_OVERRIDES = {
     'train.peak_flops_per_device': 1e11,  # skip the matmul measurement in tests
     'sample.max_new_tokens': 8,
 }
+
+
+LLAMA_OPTIONS = dict(position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False, tie_embeddings=False,
+                     num_kv_heads=2)
+
+
+def architecture_variants(base) -> dict:
+  """Each architecture option of ModelConfig on its own, and all together (Llama-style)."""
+  return {
+      'gpt2': base,
+      'rope': dataclasses.replace(base, position='rope'),
+      'rmsnorm': dataclasses.replace(base, norm='rmsnorm'),
+      'swiglu': dataclasses.replace(base, mlp='swiglu'),
+      'gqa': dataclasses.replace(base, num_kv_heads=2),
+      'mqa_no_bias_untied': dataclasses.replace(base, num_kv_heads=1, use_bias=False, tie_embeddings=False),
+      'llama': dataclasses.replace(base, **LLAMA_OPTIONS),
+  }
 
 
 def apply_overrides(config, overrides: dict):

@@ -7,19 +7,12 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import LLAMA_OPTIONS, architecture_variants
+
 from jaxgpt.model import GPT, ModelConfig, chunked_cross_entropy, flops_per_token, num_params
 
 CFG = ModelConfig(vocab_size=97, max_len=32, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
-LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False, tie_embeddings=False, num_kv_heads=2)
-VARIANTS = {
-    'gpt2': CFG,
-    'rope': dataclasses.replace(CFG, position='rope'),
-    'rmsnorm': dataclasses.replace(CFG, norm='rmsnorm'),
-    'swiglu': dataclasses.replace(CFG, mlp='swiglu'),
-    'gqa': dataclasses.replace(CFG, num_kv_heads=2),
-    'mqa_no_bias_untied': dataclasses.replace(CFG, num_kv_heads=1, use_bias=False, tie_embeddings=False),
-    'llama': dataclasses.replace(CFG, **LLAMA),
-}
+VARIANTS = architecture_variants(CFG)
 variants = pytest.mark.parametrize('cfg', VARIANTS.values(), ids=VARIANTS.keys())
 
 
@@ -125,7 +118,7 @@ def test_parameter_count_and_flops_match_gpt2_small():
 
 
 def test_llama_style_parameter_count():
-  cfg = ModelConfig(vocab_size=1000, max_len=64, num_layers=2, num_heads=8, embed_dim=64, mlp_dim=96, **LLAMA)
+  cfg = ModelConfig(vocab_size=1000, max_len=64, num_layers=2, num_heads=8, embed_dim=64, mlp_dim=96, **LLAMA_OPTIONS)
   shapes = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
   D, M, G, K = 64, 96, 2, 8
   per_layer = D * D * 2 + 2 * D * G * K + 3 * D * M + 2 * D  # q, out, k, v, gate/up/down, two norms

@@ -9,23 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module
+from conftest import LLAMA_OPTIONS, REPO, architecture_variants, run_module
 from jaxgpt.config import JaxgptError
 from jaxgpt.model import GPT, ModelConfig, init_cache
 from jaxgpt.sample import Sampling, generate, sample_tokens, stream
 
 CFG = ModelConfig(vocab_size=97, max_len=48, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
-LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False, tie_embeddings=False, num_kv_heads=2)
 VARIANTS = {
-    'gpt2': CFG,
-    'rope': dataclasses.replace(CFG, position='rope'),
-    'rmsnorm': dataclasses.replace(CFG, norm='rmsnorm'),
-    'swiglu': dataclasses.replace(CFG, mlp='swiglu'),
-    'gqa': dataclasses.replace(CFG, num_kv_heads=2),
-    'mqa_no_bias_untied': dataclasses.replace(CFG, num_kv_heads=1, use_bias=False, tie_embeddings=False),
-    'llama': dataclasses.replace(CFG, **LLAMA),
+    **architecture_variants(CFG),
     'gpt2_unscanned': dataclasses.replace(CFG, scan_layers=False),
-    'llama_unscanned_remat': dataclasses.replace(CFG, scan_layers=False, remat='full', **LLAMA),
+    'llama_unscanned_remat': dataclasses.replace(CFG, scan_layers=False, remat='full', **LLAMA_OPTIONS),
 }
 EOS = 2
 PROMPTS = [[1, 5, 17, 33], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [1]]
