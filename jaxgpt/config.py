@@ -97,6 +97,13 @@ def base_config() -> ConfigDict:
 
   # Fine-tuning (docs/finetuning.md): start from a base model, trained with that model's tokenizer.
   c.init_from = ''  # a Hugging Face directory (GPT-2, Llama) or a jaxgpt run directory; '' = random init
+  # LoRA (jaxgpt/lora.py): train low-rank adapters on the frozen init_from model instead of every weight.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # r of each adapter pair A [fan_in, r], B [r, fan_out]; 0 = off (full fine-tuning)
+  c.lora.alpha = 16.0  # the adapters' update A @ B is scaled by alpha / rank
+  c.lora.dropout = 0.0  # in training, each entry of A is dropped with this probability (one mask per step)
+  # The kernels adapted: any of 'query', 'key', 'value', 'out', 'mlp_up', 'mlp_down', 'mlp_gate' (SwiGLU only).
+  c.lora.targets = ('query', 'key', 'value', 'out')
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4

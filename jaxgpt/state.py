@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
-from jaxgpt import hf, sharding
+from jaxgpt import hf, lora, sharding
 from jaxgpt.checkpoint import SHAPE_FIELDS, Checkpointer
 from jaxgpt.config import JaxgptError
 from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe
@@ -37,31 +37,34 @@ def build_model(config, vocab_size: int) -> GPT:
   return GPT(ModelConfig.from_config(config.model, vocab_size))
 
 
-def _init_fn(model: GPT, tx: optax.GradientTransformation, seq_len: int):
+def _init_fn(model: GPT, tx: optax.GradientTransformation, seq_len: int, lora_cfg=None):
+  """The state's initialiser; with LoRA settings its params are the adapters alone."""
   def init(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    if lora_cfg is not None:
+      params = lora.init_adapters(jax.random.fold_in(rng, 1), nn.unbox(params), lora_cfg)
     # The optimizer state is built from the boxed params so it inherits their logical axes.
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return init
 
 
-def state_shardings(model, tx, seq_len, mesh, rules=sharding.LOGICAL_RULES):
+def state_shardings(model, tx, seq_len, mesh, rules=sharding.LOGICAL_RULES, lora_cfg=None):
   """NamedShardings for every leaf of the TrainState, from the logical axis rules."""
-  abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
+  abstract = jax.eval_shape(_init_fn(model, tx, seq_len, lora_cfg), jax.random.key(0))
   return sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
 
 
-def create_state(model, tx, seq_len: int, mesh, rng, rules=sharding.LOGICAL_RULES) -> TrainState:
-  init = _init_fn(model, tx, seq_len)
-  shardings = state_shardings(model, tx, seq_len, mesh, rules)
+def create_state(model, tx, seq_len: int, mesh, rng, rules=sharding.LOGICAL_RULES, lora_cfg=None) -> TrainState:
+  init = _init_fn(model, tx, seq_len, lora_cfg)
+  shardings = state_shardings(model, tx, seq_len, mesh, rules, lora_cfg)
   with sharding.activation_rules(mesh, rules):
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
-def abstract_state(model, tx, seq_len: int, mesh, rules=sharding.LOGICAL_RULES) -> TrainState:
+def abstract_state(model, tx, seq_len: int, mesh, rules=sharding.LOGICAL_RULES, lora_cfg=None) -> TrainState:
   """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto `mesh`."""
-  shapes = nn.unbox(jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0)))
-  shardings = state_shardings(model, tx, seq_len, mesh, rules)
+  shapes = nn.unbox(jax.eval_shape(_init_fn(model, tx, seq_len, lora_cfg), jax.random.key(0)))
+  shardings = state_shardings(model, tx, seq_len, mesh, rules, lora_cfg)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
@@ -137,14 +140,18 @@ def load_run(workdir: str) -> tuple[ConfigDict, Tokenizer]:
 
 
 def load_params(config, tokenizer: Tokenizer, workdir: str, step: int | None = None):
-  """(model, params, step) from a run's checkpoint, on a one-device mesh."""
+  """(model, params, step) from a run's checkpoint, on a one-device mesh; a LoRA run's merged into its base."""
   model = build_model(config, tokenizer.vocab_size)
+  lora_cfg = lora.settings(config)
   tx = make_optimizer(config.optim, config.train.num_steps)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
   checkpointer = Checkpointer(workdir)
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise JaxgptError(f'{workdir} has no checkpoint yet. Train first, or wait for the first save.')
-  state = checkpointer.restore(step, abstract_state(model, tx, config.seq_len, mesh))
+  state = checkpointer.restore(step, abstract_state(model, tx, config.seq_len, mesh, lora_cfg=lora_cfg))
   checkpointer.close()
-  return model, state.params, step
+  if lora_cfg is None:
+    return model, state.params, step
+  base = hf.params_in_layout(load_base(config).params, config.model.scan_layers)
+  return model, lora.merge(base, state.params, lora_cfg), step

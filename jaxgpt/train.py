@@ -19,7 +19,7 @@ import optax
 from absl import flags
 from jax.experimental import multihost_utils
 
-from jaxgpt import hf, sharding, state as state_lib
+from jaxgpt import hf, lora, sharding, state as state_lib
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
 from jaxgpt.data import builder, pipeline
@@ -51,15 +51,22 @@ def loss_sums(model, params, batch, rng=None):
   return (losses * mask).sum(), mask.sum()
 
 
-def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0):
-  def train_step(state, batch):
+def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_cfg=None):
+  """The step; with LoRA settings, state.params are the adapters and `base` the frozen params they adapt."""
+  def train_step(state, batch, base=None):
     # The step's dropout key derives from the seed and the step alone: no RNG state to
     # checkpoint, and a resumed run draws the same masks.
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
+    def loss_of(trainable, microbatch, micro_rng):
+      if lora_cfg is None:
+        return loss_sums(model, trainable, microbatch, micro_rng)
+      model_rng, adapter_rng = jax.random.split(micro_rng)
+      return loss_sums(model, lora.merge(base, trainable, lora_cfg, adapter_rng), microbatch, model_rng)
+
     def grads_of(microbatch, micro_rng):
       (loss_sum, count), grads = jax.value_and_grad(
-          lambda p: loss_sums(model, p, microbatch, micro_rng), has_aux=True)(state.params)
+          lambda p: loss_of(p, microbatch, micro_rng), has_aux=True)(state.params)
       return loss_sum, count, grads
 
     if accum_steps == 1:
@@ -151,9 +158,13 @@ def _save_run_files(workdir: str, config, tokenizer) -> None:
       f.write(config.to_json(indent=2))
 
 
+def _num_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def _check_free_space(workdir: str, abstract_state) -> None:
   """Refuses to start when the next checkpoint would not fit, rather than failing at the first save."""
-  needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  needed = _num_bytes(abstract_state)
   free = shutil.disk_usage(workdir).free
   if free < needed:
     raise JaxgptError(
@@ -164,6 +175,8 @@ def _check_free_space(workdir: str, abstract_state) -> None:
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
   validate(config)
+  lora.check_config(config)
+  lora_cfg = lora.settings(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   sharding.initialize_distributed(config.distributed)
   if config.train.compilation_cache_dir:
@@ -197,13 +210,13 @@ def train(config, workdir: str) -> dict:
       data.chunks('train', config.seq_len + 1), seq_len=config.seq_len, seed=config.seed,
       shuffle=config.data.shuffle, local_batch_size=config.batch_size // jax.process_count())
 
-  abstract = state_lib.abstract_state(model, tx, config.seq_len, mesh, rules)
+  abstract = state_lib.abstract_state(model, tx, config.seq_len, mesh, rules, lora_cfg)
   _check_free_space(workdir, abstract)
   restored = checkpointer.restore_latest(abstract, train_batches, meta, writer.log)
   if restored is None:
     start = 0
-    state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(config.seed), rules)
-    if base is not None:  # the base model's weights, placed as the random ones were; a fresh optimizer
+    state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(config.seed), rules, lora_cfg)
+    if base is not None and lora_cfg is None:  # the base model's weights, placed as the random ones were
       state = state.replace(params=jax.device_put(hf.params_in_layout(base.params, config.model.scan_layers),
                                                   jax.tree.map(lambda x: x.sharding, state.params)))
       writer.log(f'initialised from {config.init_from}')
@@ -213,19 +226,37 @@ def train(config, workdir: str) -> dict:
   _save_run_files(workdir, config, tokenizer)
 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  param_shardings = state_lib.state_shardings(model, tx, config.seq_len, mesh, rules).params
+  # LoRA: the frozen base is an argument of every step, not a constant baked into the executable.
+  frozen = None
+  if lora_cfg is not None:
+    frozen = jax.device_put(hf.params_in_layout(base.params, config.model.scan_layers), param_shardings)
+    merge = jax.jit(lambda base_params, adapters: lora.merge(base_params, adapters, lora_cfg),
+                    out_shardings=param_shardings)
+
+  def model_params(state):
+    """The params the model runs with: for LoRA, the base with the adapters merged in."""
+    return state.params if frozen is None else merge(frozen, state.params)
+
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.seed + 1),
-      in_shardings=(state_shardings, batch_sharding),
+      make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.seed + 1, lora_cfg),
+      in_shardings=(state_shardings, batch_sharding, None if frozen is None else param_shardings),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_step = jax.jit(lambda params, batch: loss_sums(model, params, batch),
-                      in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
+                      in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
   tokens_per_step = config.batch_size * config.seq_len
   model_flops = flops_per_token(model.cfg, config.seq_len)
   peak, peak_source = peak_flops_per_device(config.train.peak_flops_per_device)
-  writer.log(f'model: {num_params(state.params) / 1e6:.2f}M parameters, {model_flops / 1e6:.1f} MFLOPs/token; '
+  trained = num_params(state.params)
+  total = trained if frozen is None else num_params(frozen)
+  writer.log(f'model: {total / 1e6:.2f}M parameters, {model_flops / 1e6:.1f} MFLOPs/token; '
              f'mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s per device ({peak_source})')
+  if frozen is not None:
+    writer.log(f'LoRA rank {lora_cfg.rank} on {", ".join(lora_cfg.targets)}: {trained:,} trained parameters '
+               f'({100 * trained / total:.2f}%); the base at {config.init_from} stays frozen')
+  writer.log(f'optimizer state: {_num_bytes(state.opt_state) / 1e6:.2f} MB for {trained:,} trained parameters')
 
   results = {}
   step_metrics = StepMetrics(os.path.join(workdir, METRICS_FILE), start, config.train.on_nonfinite, writer.log)
@@ -235,7 +266,7 @@ def train(config, workdir: str) -> dict:
   with sharding.activation_rules(mesh, rules), StopSignals() as stop_signals, checkpointer:
     for step in range(start, steps):
       batch = sharding.global_batch(next(train_batches), mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, frozen)
       done = step + 1
       step_metrics.add(done, metrics)
       interval_steps += 1
@@ -264,9 +295,10 @@ def train(config, workdir: str) -> dict:
                               'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu})
         interval_start, interval_steps = time.perf_counter(), 0
       if (done % config.train.eval_every == 0 or done == steps) and not stopping:
-        results = evaluate(eval_step, state.params, data, config, mesh)
+        params = model_params(state)
+        results = evaluate(eval_step, params, data, config, mesh)
         if references:
-          _log_generation_metrics(writer, done, model, state.params, tokenizer, references, config.eval)
+          _log_generation_metrics(writer, done, model, params, tokenizer, references, config.eval)
         _log_validation(writer, done, results)
         interval_start = time.perf_counter()
       if save_now:
@@ -281,13 +313,13 @@ def train(config, workdir: str) -> dict:
     writer.close()
     return {'step': done, 'stopped_by': stopped_by}
   if not results:
-    results = evaluate(eval_step, state.params, data, config, mesh)
+    results = evaluate(eval_step, model_params(state), data, config, mesh)
     _log_validation(writer, start, results)
   results['step'] = max(start, steps)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
       json.dump(results, f, indent=2)
-  _print_samples(model, state.params, tokenizer, config, writer)
+  _print_samples(model, model_params(state), tokenizer, config, writer)
   writer.close()
   return results
 

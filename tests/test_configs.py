@@ -43,7 +43,8 @@ def test_config_validates_and_has_the_intended_size(name, args, millions):
 def test_every_config_file_is_covered():
   assert {f[:-3] for f in os.listdir(CONFIGS) if f.endswith('.py')} == {
       'quickstart', 'gpt2', 'llama_tiny', 'llama_1b', 'web_text',
-      'finetune_gpt2', 'sft_alpaca'}  # exercised by tests/test_finetune.py
+      'finetune_gpt2', 'sft_alpaca',  # exercised by tests/test_finetune.py
+      'lora'}  # exercised by tests/test_lora.py
 
 
 def test_llama_tiny_trains_through_the_cli(tmp_path, data_cache):

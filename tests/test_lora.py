@@ -1,0 +1,173 @@
+"""LoRA: merged kernels equal base + adapter path, only adapters train, adapters export merged."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import override_args, run_module
+from hf_models import save_gpt2
+from jaxgpt import hf, lora, sharding, state
+from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.config import JaxgptError, base_config
+from jaxgpt.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train import make_train_step
+from test_finetune import TINY_GPT2
+
+# Each target as the model applies it to a layer's input: (input shape for n tokens, einsum).
+APPLY = {'query': ('n d', 'nd,dhk->nhk'), 'key': ('n d', 'nd,dhk->nhk'), 'value': ('n d', 'nd,dhk->nhk'),
+         'out': ('n h k', 'nhk,hkd->nd'), 'mlp_up': ('n d', 'nd,dm->nm'), 'mlp_gate': ('n d', 'nd,dm->nm'),
+         'mlp_down': ('n m', 'nm,md->nd')}
+
+
+def _config(**lora_settings):
+  config = base_config()
+  config.model.update(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=16,
+                      mlp='swiglu', use_bias=False, position='rope', norm='rmsnorm')
+  config.lora.update(rank=4, alpha=8.0, targets=tuple(lora.TARGETS), **lora_settings)
+  return config
+
+
+def _base(config):
+  model = state.build_model(config, 50)
+  return model, nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+
+
+def _random_adapters(params, lora_cfg):
+  """Adapters as training leaves them: B no longer zero."""
+  adapters = nn.unbox(lora.init_adapters(jax.random.key(1), params, lora_cfg))
+  leaves, tree = jax.tree.flatten(adapters)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_merged_kernels_compute_base_plus_adapter_path():
+  config = _config()
+  model, params = _base(config)
+  tokens = jnp.arange(16).reshape(2, 8) % 50
+  # B = 0 at init: the merged model is the base, bit for bit.
+  initial = nn.unbox(lora.init_adapters(jax.random.key(1), params, config.lora))
+  jax.tree.map(np.testing.assert_array_equal, lora.merge(params, initial, config.lora), params)
+
+  adapters = _random_adapters(params, config.lora)
+  merged = lora.merge(params, adapters, config.lora)
+  scale = config.lora.alpha / config.lora.rank
+  sizes = {'n': 5, 'd': 32, 'h': 4, 'k': 8, 'm': 64}
+  for layer in range(2):
+    for name, (input_axes, einsum) in APPLY.items():
+      w, w_merged = params['blocks'][name][layer], merged['blocks'][name][layer]
+      a, b = (adapters['blocks'][name][x][layer] for x in ('lora_a', 'lora_b'))
+      x = jax.random.normal(jax.random.key(layer), [sizes[axis] for axis in input_axes.split()])
+      base_out = jnp.einsum(einsum, x, w)
+      adapter_out = (scale * (x.reshape(5, -1) @ a) @ b).reshape(base_out.shape)
+      np.testing.assert_allclose(jnp.einsum(einsum, x, w_merged), base_out + adapter_out, atol=1e-5)
+  # Unscanned layers ('block_0', ...) merge the same way.
+  per_layer = lambda tree: hf.params_in_layout(tree, scan_layers=False)
+  jax.tree.map(np.testing.assert_array_equal, lora.merge(per_layer(params), per_layer(adapters), config.lora),
+               per_layer(merged))
+  apply = jax.jit(lambda p: model.apply({'params': p}, tokens))
+  assert not np.allclose(apply(merged), apply(params), atol=1e-3)
+
+
+def _one_device_mesh():
+  return sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+
+
+def test_only_adapters_get_optimizer_state_and_learn():
+  config = _config()
+  config.optim.update(lr=1e-2, warmup_steps=0, weight_decay=0.0)
+  model, base = _base(config)
+  tx, schedule = make_optimizer(config.optim, 30), learning_rate_schedule(config.optim, 30)
+  mesh = _one_device_mesh()
+  full = state.create_state(model, tx, 8, mesh, jax.random.key(0))
+  adapted = state.create_state(model, tx, 8, mesh, jax.random.key(0), lora_cfg=config.lora)
+  num_bytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  # Adam's two moments per trained parameter, and nothing for the frozen ones.
+  assert jax.tree.structure(adapted.params) == jax.tree.structure(
+      nn.unbox(lora.init_adapters(jax.random.key(0), base, config.lora)))
+  assert num_bytes(adapted.opt_state) == 2 * num_bytes(adapted.params) + 8  # + 2 step counts
+  assert num_bytes(full.opt_state) == 2 * num_bytes(full.params) + 8
+  assert num_bytes(adapted.opt_state) < num_bytes(full.opt_state) / 2
+
+  tokens = jax.random.randint(jax.random.key(4), (4, 9), 0, 50)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': jnp.ones((4, 8), jnp.int32),
+           'positions': jnp.broadcast_to(jnp.arange(8), (4, 8)), 'loss_mask': jnp.ones((4, 8), jnp.int32)}
+  frozen = jax.tree.map(jnp.copy, base)
+  step = jax.jit(make_train_step(model, tx, schedule, 1, lora_cfg=config.lora), donate_argnums=(0,))
+  losses = []
+  for _ in range(30):
+    adapted, metrics = step(adapted, batch, frozen)
+    losses.append(float(metrics['loss']))
+  print(f'loss {losses[0]:.3f} -> {losses[-1]:.3f}')
+  assert losses[-1] < losses[0] - 0.5
+  jax.tree.map(np.testing.assert_array_equal, frozen, base)
+
+
+def test_lora_settings_that_cannot_work_are_refused():
+  def refusal(**settings):
+    config = _config()
+    config.init_from = '/models/base'
+    config.lora.update(**settings)
+    with pytest.raises(JaxgptError) as error:
+      lora.check_config(config)
+    return str(error.value)
+  assert 'lora.rank=-1 must be positive' in refusal(rank=-1)
+  assert "must name some of query, key" in refusal(targets=('query', 'attn'))
+  assert 'lora.dropout=1.0' in refusal(dropout=1.0)
+  config = _config()
+  with pytest.raises(JaxgptError, match='set init_from'):
+    lora.check_config(config)
+  config.model.mlp = 'gelu'
+  _, params = _base(config)
+  with pytest.raises(JaxgptError, match=r"\['mlp_gate'\], which this model does not have"):
+    lora.init_adapters(jax.random.key(0), params, config.lora)
+
+
+def test_lora_config_trains_saves_adapters_and_exports_merged(tmp_path, data_cache):
+  """configs/lora.py through the CLI: train adapters on a tiny GPT-2, sample, export, load in transformers."""
+  import torch
+  import transformers
+  hf_dir, run, out = str(tmp_path / 'hf'), str(tmp_path / 'run'), str(tmp_path / 'out')
+  save_gpt2(hf_dir, width=64, positions=64)
+  with open(tmp_path / 'text.jsonl', 'w') as f:
+    f.writelines(json.dumps({'text': f'the quick brown fox number {i} jumps over the lazy dog'}) + '\n'
+                 for i in range(60))
+  overrides = {**TINY_GPT2, 'seq_len': 32, 'batch_size': 4, 'init_from': hf_dir, 'data.path': str(tmp_path / 'text.jsonl'),
+               'data.cache_dir': data_cache, 'data.num_workers': 1, 'optim.lr': 3e-2, 'optim.warmup_steps': 1,
+               'train.num_steps': 4, 'train.eval_every': 4, 'train.eval_batches': 1, 'train.checkpoint_every': 4,
+               'train.log_every': 1, 'train.peak_flops_per_device': 1e11, 'sample.max_new_tokens': 4}
+  result = run_module('jaxgpt.train', '--config', 'configs/lora.py', '--workdir', run, *override_args(overrides))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'LoRA rank 8 on query, key, value, out' in result.stdout and 'step 4/4' in result.stdout
+  print(*[line for line in result.stdout.splitlines() if 'optimizer state' in line or 'LoRA' in line], sep='\n')
+
+  # The checkpoint holds the adapters and their optimizer state, nothing of the base.
+  config, tokenizer = state.load_run(run)
+  model = state.build_model(config, tokenizer.vocab_size)
+  tx = make_optimizer(config.optim, config.train.num_steps)
+  checkpoint = Checkpointer(run)
+  adapters = checkpoint.restore(4, state.abstract_state(model, tx, config.seq_len, _one_device_mesh(),
+                                                        lora_cfg=config.lora)).params
+  checkpoint.close()
+  assert {k for layer in adapters.values() for k in layer} == {'query', 'key', 'value', 'out'}
+  assert float(jnp.abs(adapters['blocks']['query']['lora_b']).max()) > 0  # training moved the adapters
+
+  result = run_module('jaxgpt.sample', f'--workdir={run}', '--prompt=the quick', '--max_new_tokens=4')
+  assert result.returncode == 0 and '# step 4 of' in result.stdout, result.stderr[-3000:]
+  result = run_module('jaxgpt.convert', f'--workdir={run}', f'--export_hf={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  base = state.load_base(config)
+  merged = lora.merge(base.params, adapters, config.lora)
+  ids = [tokenizer.encode('the lazy dog jumps')]
+  ours = np.asarray(model.apply({'params': merged}, jnp.array(ids)))
+  with torch.no_grad():
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(torch.tensor(ids)).logits.numpy()
+    original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(exported, ours, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(model.apply({'params': state.load_params(config, tokenizer, run)[1]},
+                                                    jnp.array(ids))), ours, atol=1e-5)
+  assert not np.allclose(exported, original, atol=1e-3)
