@@ -70,10 +70,13 @@ def abstract_state(model, tx, seq_len: int, mesh, rules=sharding.LOGICAL_RULES, 
 
 def checkpoint_meta(config, tokenizer: Tokenizer) -> dict:
   """What a checkpoint must agree with to be resumed: see checkpoint.check_compatible."""
+  lora_cfg = lora.settings(config)
+  # A LoRA checkpoint holds adapters of one rank on some kernels: only those settings can resume it.
+  adapters = {} if lora_cfg is None else {'lora_rank': lora_cfg.rank, 'lora_targets': sorted(lora_cfg.targets)}
   return {
       'config': json.loads(config.to_json()),
       'tokenizer_fingerprint': tokenizer.fingerprint,
-      'model_shape': {**{k: config.model[k] for k in SHAPE_FIELDS}, 'vocab_size': tokenizer.vocab_size},
+      'model_shape': {**{k: config.model[k] for k in SHAPE_FIELDS}, 'vocab_size': tokenizer.vocab_size, **adapters},
   }
 
 

@@ -33,15 +33,15 @@ def _config(**lora_settings):
 
 def _base(config):
   model = state.build_model(config, 50)
-  return model, nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  init = jax.jit(lambda rng: nn.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']))
+  return model, init(jax.random.key(0))
 
 
 def _random_adapters(params, lora_cfg):
   """Adapters as training leaves them: B no longer zero."""
   adapters = nn.unbox(lora.init_adapters(jax.random.key(1), params, lora_cfg))
-  leaves, tree = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  rng = np.random.default_rng(2)
+  return jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape, np.float32), adapters)
 
 
 def test_merged_kernels_compute_base_plus_adapter_path():
@@ -53,17 +53,22 @@ def test_merged_kernels_compute_base_plus_adapter_path():
   jax.tree.map(np.testing.assert_array_equal, lora.merge(params, initial, config.lora), params)
 
   adapters = _random_adapters(params, config.lora)
-  merged = lora.merge(params, adapters, config.lora)
+  merged = jax.tree.map(np.asarray, lora.merge(params, adapters, config.lora))
+  params = jax.tree.map(np.asarray, params)
   scale = config.lora.alpha / config.lora.rank
   sizes = {'n': 5, 'd': 32, 'h': 4, 'k': 8, 'm': 64}
+  rng = np.random.default_rng(3)
   for layer in range(2):
     for name, (input_axes, einsum) in APPLY.items():
       w, w_merged = params['blocks'][name][layer], merged['blocks'][name][layer]
       a, b = (adapters['blocks'][name][x][layer] for x in ('lora_a', 'lora_b'))
-      x = jax.random.normal(jax.random.key(layer), [sizes[axis] for axis in input_axes.split()])
-      base_out = jnp.einsum(einsum, x, w)
+      x = rng.standard_normal([sizes[axis] for axis in input_axes.split()])
+      base_out = np.einsum(einsum, x, w)
       adapter_out = (scale * (x.reshape(5, -1) @ a) @ b).reshape(base_out.shape)
-      np.testing.assert_allclose(jnp.einsum(einsum, x, w_merged), base_out + adapter_out, atol=1e-5)
+      np.testing.assert_allclose(np.einsum(einsum, x, w_merged), base_out + adapter_out, atol=1e-5)
+  # Training's dropout on A (given a key) changes the update.
+  dropped = lora.merge(params, adapters, _config(dropout=0.5).lora, jax.random.key(5))
+  assert not np.allclose(dropped['blocks']['query'], merged['blocks']['query'])
   # Unscanned layers ('block_0', ...) merge the same way.
   per_layer = lambda tree: hf.params_in_layout(tree, scan_layers=False)
   jax.tree.map(np.testing.assert_array_equal, lora.merge(per_layer(params), per_layer(adapters), config.lora),
@@ -155,6 +160,9 @@ def test_lora_config_trains_saves_adapters_and_exports_merged(tmp_path, data_cac
   assert {k for layer in adapters.values() for k in layer} == {'query', 'key', 'value', 'out'}
   assert float(jnp.abs(adapters['blocks']['query']['lora_b']).max()) > 0  # training moved the adapters
 
+  result = run_module('jaxgpt.train', '--config', 'configs/lora.py', '--workdir', run, *override_args(overrides),
+                      '--config.lora.rank=4')
+  assert result.returncode == 2 and 'lora_rank: checkpoint 8, config 4' in result.stderr, result.stderr[-3000:]
   result = run_module('jaxgpt.sample', f'--workdir={run}', '--prompt=the quick', '--max_new_tokens=4')
   assert result.returncode == 0 and '# step 4 of' in result.stdout, result.stderr[-3000:]
   result = run_module('jaxgpt.convert', f'--workdir={run}', f'--export_hf={out}')
