@@ -45,6 +45,7 @@ def settings(config):
 
 
 def check_config(config) -> None:
+  """Refuses LoRA settings that cannot work, all of them in one message."""
   lora_cfg = config.lora
   problems = []
   if lora_cfg.rank < 0:
