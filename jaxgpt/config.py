@@ -140,7 +140,7 @@ def base_config() -> ConfigDict:
   c.optim.grad_accum_steps = 1  # microbatches per step; batch_size must divide
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 300
+  c.train.num_steps = 500
   c.train.log_every = 20
   c.train.eval_every = 100
   c.train.eval_batches = 8

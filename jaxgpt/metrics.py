@@ -24,7 +24,7 @@ PEAK_FLOPS = {
 }
 
 
-def measure_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
+def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of an n^3 float32 matmul on the default device: the CPU's practical peak."""
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
