@@ -71,3 +71,34 @@ def test_train_command_with_two_processes(tmp_path, data_cache):
   assert 'step 10/10' not in out1 and 'validation loss' not in out1
   data_state = sorted(os.listdir(tmp_path / 'run' / 'checkpoints' / '10' / 'data'))
   assert 'process_0-of-2.json' in data_state and 'process_1-of-2.json' in data_state
+
+
+def test_sigterm_to_two_processes_saves_one_agreed_step(tmp_path, data_cache):
+  """Preemption of a two-process job: both stop at the same step, save it together and exit 0."""
+  import signal
+  import time
+  from conftest import REPO, TINY_OVERRIDES, override_args
+  workdir = tmp_path / 'run'
+  port = _free_port()
+  args = [sys.executable, '-m', 'jaxgpt.train', '--config', 'configs/quickstart.py', '--workdir', str(workdir),
+          *override_args(TINY_OVERRIDES), '--config.train.num_steps=1000', '--config.train.log_every=1',
+          '--config.train.checkpoint_every=1000', f'--config.data.cache_dir={data_cache}',
+          f'--config.distributed.coordinator_address=127.0.0.1:{port}', '--config.distributed.num_processes=2']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  procs = [subprocess.Popen(args + [f'--config.distributed.process_id={i}'], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+    time.sleep(0.5)
+  for proc in procs:
+    proc.send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=240) for p in procs]
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  assert 'stopped by' in outputs[0][0]
+  steps = [name for name in os.listdir(workdir / 'checkpoints') if name.isdigit()]
+  assert len(steps) == 1 and 3 <= int(steps[0]) < 1000
+  assert sorted(os.listdir(workdir / 'checkpoints' / steps[0] / 'data'))[-2:] == [
+      'process_0-of-2.json', 'process_1-of-2.json']
