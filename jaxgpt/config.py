@@ -7,6 +7,7 @@ that cannot work) into one line on stderr and exit status 2, not a traceback.
 
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
@@ -123,7 +124,7 @@ def base_config() -> ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.scan_layers = True  # compile time independent of depth
-  c.model.remat = 'none'  # 'none', 'full', 'dots' (save matmul outputs) or 'offload' (keep them on the host)
+  c.model.remat = 'dots'  # 'none', 'full', 'dots' (save matmul outputs) or 'offload' (keep them on the host)
   # >0: compute the loss's logits this many tokens at a time, never all batch x seq x vocab of them
   # at once (worth it for large vocabularies); must divide the tokens per microbatch.
   c.model.loss_chunk = 0
@@ -140,11 +141,11 @@ def base_config() -> ConfigDict:
   c.optim.grad_accum_steps = 1  # microbatches per step; batch_size must divide
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 500
+  c.train.num_steps = 600
   c.train.log_every = 20
-  c.train.eval_every = 100
+  c.train.eval_every = 200
   c.train.eval_batches = 8
-  c.train.checkpoint_every = 100
+  c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3  # the newest steps kept; older ones are deleted once a newer save is complete
   c.train.keep_every = 0  # also keep, for good, every checkpoint whose step is a multiple of this; 0 = none
   # A step whose loss, gradient or update is NaN/Inf is never applied; then 'skip' goes on (counted and
@@ -228,12 +229,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run_cli(main: Callable[[Sequence[str]], None]) -> None:
   """Runs `main` under absl with readable errors for flags and JaxgptError."""
 
+  flags.DEFINE_boolean('verbose', False, 'On an error, print the Python traceback too (for bug reports).')
+
   def guarded_main(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO
     try:
       main(argv)
     except JaxgptError as e:
+      if flags.FLAGS.verbose:
+        traceback.print_exc()
       _fail(str(e))
 
   app.run(guarded_main, flags_parser=_parse_flags)

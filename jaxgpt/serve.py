@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -286,6 +287,15 @@ def _define_flags() -> None:
   flags.DEFINE_integer('chunk_tokens', 8, 'Decode steps between streamed pieces.')
 
 
+def _check_port_free(host: str, port: int) -> None:
+  with socket.socket() as probe:
+    try:
+      probe.bind((host, port))
+    except OSError as e:
+      raise JaxgptError(f'cannot listen on {host}:{port} ({e.strerror}). Another server may be using the port: '
+                        'choose another --port, or stop that server.') from None
+
+
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
@@ -293,6 +303,7 @@ def main(argv):
     raise JaxgptError('--workdir is required: the run directory written by jaxgpt.train.')
   if FLAGS.max_batch < 1 or FLAGS.queue_size < 1 or FLAGS.chunk_tokens < 1:
     raise JaxgptError('--max_batch, --queue_size and --chunk_tokens must be positive.')
+  _check_port_free(FLAGS.host, FLAGS.port)  # before minutes of loading, not after
   import uvicorn  # imported here: only the command needs the server libraries
 
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')

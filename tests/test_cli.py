@@ -116,3 +116,20 @@ def test_empty_data_directory_is_one_clear_error(tmp_path):
 def test_sample_on_a_directory_that_is_not_a_run(tmp_path):
   result = run_module('jaxgpt.sample', '--workdir', str(tmp_path))
   assert result.returncode == 2 and 'is not a jaxgpt run directory' in result.stderr
+
+
+def test_verbose_adds_the_traceback_to_the_message(tmp_path):
+  result = run_module('jaxgpt.sample', '--workdir', str(tmp_path), '--verbose')
+  assert result.returncode == 2 and 'Traceback' in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith('error: ') and 'is not a jaxgpt run directory' in result.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_clear_error(tmp_path):
+  import socket
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    result = run_module('jaxgpt.serve', '--workdir', str(tmp_path), '--port', str(port))
+  assert result.returncode == 2 and f'cannot listen on 127.0.0.1:{port}' in result.stderr
+  assert 'Traceback' not in result.stderr
