@@ -5,6 +5,7 @@ Every entry point goes through `run_cli`, which turns the mistakes users make
 that cannot work) into one line on stderr and exit status 2, not a traceback.
 """
 
+import importlib.util
 import os
 import sys
 import traceback
@@ -242,6 +243,14 @@ def run_cli(main: Callable[[Sequence[str]], None]) -> None:
       _fail(str(e))
 
   app.run(guarded_main, flags_parser=_parse_flags)
+
+
+def require_extra(extra: str, *modules: str) -> None:
+  """Fails clearly when an optional dependency is missing, naming the pip extra that brings it."""
+  missing = [m for m in modules if importlib.util.find_spec(m) is None]
+  if missing:
+    raise JaxgptError(f'{", ".join(missing)} not installed: they come with jaxgpt\'s {extra!r} extra. '
+                      f'Run: pip install -e ".[{extra}]"')
 
 
 def require_config(config: ConfigDict | None) -> ConfigDict:

@@ -23,7 +23,7 @@ import optax
 from absl import flags
 
 from jaxgpt import state
-from jaxgpt.config import JaxgptError, run_cli
+from jaxgpt.config import JaxgptError, require_extra, run_cli
 from jaxgpt.data import builder, sources
 from jaxgpt.metrics import MetricWriter
 from jaxgpt.model import GPT
@@ -125,6 +125,7 @@ def read_references(path: str) -> list[dict]:
     examples.append({'prompt': example['prompt'], 'reference': example['reference']})
   if not examples:
     raise JaxgptError(f'{path} has no examples.')
+  require_extra('eval', 'sacrebleu', 'rouge_score')  # checked here, before a run that will need them
   return examples
 
 

@@ -32,7 +32,7 @@ import ml_collections
 from absl import flags
 
 from jaxgpt import state
-from jaxgpt.config import JaxgptError, run_cli
+from jaxgpt.config import JaxgptError, require_extra, run_cli
 from jaxgpt.model import num_params
 from jaxgpt.safety import SafetyChecker
 from jaxgpt.sample import Sampling, stream_text
@@ -303,6 +303,7 @@ def main(argv):
     raise JaxgptError('--workdir is required: the run directory written by jaxgpt.train.')
   if FLAGS.max_batch < 1 or FLAGS.queue_size < 1 or FLAGS.chunk_tokens < 1:
     raise JaxgptError('--max_batch, --queue_size and --chunk_tokens must be positive.')
+  require_extra('serve', 'fastapi', 'uvicorn')
   _check_port_free(FLAGS.host, FLAGS.port)  # before minutes of loading, not after
   import uvicorn  # imported here: only the command needs the server libraries
 

@@ -133,3 +133,10 @@ def test_serve_on_a_port_in_use_is_one_clear_error(tmp_path):
     result = run_module('jaxgpt.serve', '--workdir', str(tmp_path), '--port', str(port))
   assert result.returncode == 2 and f'cannot listen on 127.0.0.1:{port}' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_a_missing_optional_dependency_names_its_extra():
+  from jaxgpt.config import JaxgptError, require_extra
+  with pytest.raises(JaxgptError, match=r'no_such_module_xyz not installed: .*pip install -e "\.\[serve\]"'):
+    require_extra('serve', 'no_such_module_xyz')
+  require_extra('serve', 'json')  # present: no error
