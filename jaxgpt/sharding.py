@@ -98,13 +98,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def data_parallel_size(mesh_sizes) -> int:
+  """How many ways the batch is split. `mesh_sizes`: axis -> size (a Mesh's .shape, or a dict)."""
+  return math.prod(mesh_sizes[a] for a in BATCH_AXES)
 
 
 def check_divisibility(config, mesh_sizes) -> None:
   """Catches the shapes that would otherwise fail deep inside XLA. `mesh_sizes`: axis -> size."""
-  dp = mesh_sizes['data'] * mesh_sizes['fsdp']
+  dp = data_parallel_size(mesh_sizes)
   micro = config.batch_size // config.optim.grad_accum_steps
   if micro % dp:
     raise JaxgptError(

@@ -70,8 +70,7 @@ def plan(config, num_devices: int) -> dict:
   params = nn.unbox(boxed)
   param_bytes = _sharded_bytes(params, nn.get_partition_spec(boxed), sizes, rules)
   sharding.check_divisibility(config, sizes)
-  data_parallel = sizes['data'] * sizes['fsdp']
-  local_batch = config.batch_size // data_parallel // config.optim.grad_accum_steps
+  local_batch = config.batch_size // sharding.data_parallel_size(sizes) // config.optim.grad_accum_steps
   return {
       'mesh': sizes,
       'params': sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
