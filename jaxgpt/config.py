@@ -121,7 +121,9 @@ def base_config() -> ConfigDict:
   c.model.mlp = 'gelu'  # 'gelu' or 'swiglu'
   c.model.use_bias = True
   c.model.tie_embeddings = True  # output projection = token embedding transposed
-  c.model.attention = 'auto'  # 'auto' (cuDNN on GPU where it applies, else XLA), 'xla' or 'cudnn'
+  # 'auto' (cuDNN on GPU where it applies, else XLA), 'xla', 'cudnn' or 'splash' (JAX's Pallas kernel for
+  # TPU; interpreted, slowly, elsewhere; needs seq_len a multiple of 128).
+  c.model.attention = 'auto'
   c.model.dropout_rate = 0.0
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.scan_layers = True  # compile time independent of depth
@@ -145,7 +147,10 @@ def base_config() -> ConfigDict:
   c.train.num_steps = 600
   c.train.log_every = 20
   c.train.eval_every = 200
-  c.train.eval_batches = 8
+  c.train.eval_batches = 8  # per validation: batches drawn at random (the same each time) from the held-out split
+  # The last validation reads the whole held-out split: the figures the run reports. Turn it off
+  # when that split is too large to read at the end of every run.
+  c.train.final_eval_whole_split = True
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3  # the newest steps kept; older ones are deleted once a newer save is complete
   c.train.keep_every = 0  # also keep, for good, every checkpoint whose step is a multiple of this; 0 = none
@@ -286,9 +291,12 @@ def validate(config: ConfigDict) -> None:
     problems.append(f'data.val_fraction={d.val_fraction} must be between 0 and 1')
   for field, allowed in (('remat', ('none', 'full', 'dots', 'offload')), ('position', ('learned', 'rope')),
                          ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
-                         ('attention', ('auto', 'xla', 'cudnn'))):
+                         ('attention', ('auto', 'xla', 'cudnn', 'splash'))):
     if m[field] not in allowed:
       problems.append(f'model.{field}={m[field]!r} is not one of {", ".join(map(repr, allowed))}')
+  if m.attention == 'splash' and config.seq_len % 128:
+    problems.append(f"model.attention='splash' tiles the sequence by 128; seq_len={config.seq_len} is not a "
+                    'multiple of 128 (use 128, 256, ... or attention=auto)')
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     problems.append(f'model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}')
   if m.position == 'rope' and (m.embed_dim // m.num_heads) % 2:

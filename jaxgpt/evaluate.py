@@ -11,7 +11,6 @@
 Results go to `DIR/eval/step_N/results.json` and to TensorBoard (`eval/...`).
 """
 
-import functools
 import json
 import math
 import os
@@ -19,14 +18,13 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
-import optax
 from absl import flags
 
 from jaxgpt import state
 from jaxgpt.config import JaxgptError, require_extra, run_cli
 from jaxgpt.data import builder, sources
 from jaxgpt.metrics import MetricWriter
-from jaxgpt.model import GPT
+from jaxgpt.model import GPT, loss_sums
 from jaxgpt.sample import Sampling, complete
 
 RESULTS_FILE, SAMPLES_JSONL, SAMPLES_MARKDOWN = 'results.json', 'samples.jsonl', 'samples.md'
@@ -51,22 +49,20 @@ def language_model_metrics(model: GPT, params, documents: Iterable[Sequence[int]
   for first in range(0, len(windows), batch_size):
     rows = windows[first:first + batch_size]
     tokens_BxT = np.zeros((batch_size, seq_len + 1), np.int32)
-    mask_BxT = np.zeros((batch_size, seq_len), np.float32)
+    mask_BxT = np.zeros((batch_size, seq_len), np.int32)
     for r, window in enumerate(rows):
       tokens_BxT[r, :len(window)] = window
-      mask_BxT[r, :len(window) - 1] = 1.0
-    s, n = _loss_sums(model, params, tokens_BxT, mask_BxT)
+      mask_BxT[r, :len(window) - 1] = 1
+    batch = {'inputs': tokens_BxT[:, :-1], 'targets': tokens_BxT[:, 1:], 'loss_mask': mask_BxT,
+             'segment_ids': np.ones_like(mask_BxT), 'positions': np.tile(np.arange(seq_len), (batch_size, 1))}
+    s, n = _loss_sums(model, params, batch)
     loss_sum, count = loss_sum + float(s), count + int(n)
   loss = loss_sum / count
   return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
           'bits_per_byte': loss_sum / (math.log(2) * max(num_bytes, 1)), 'tokens': count, 'bytes': num_bytes}
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _loss_sums(model, params, tokens_BxT, mask_BxT):
-  logits = model.apply({'params': params}, tokens_BxT[:, :-1])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxT[:, 1:])
-  return (losses * mask_BxT).sum(), mask_BxT.sum()
+_loss_sums = jax.jit(loss_sums, static_argnums=(0,))
 
 
 def held_out_documents(config, tokenizer, max_docs: int) -> tuple[list[list[int]], int]:

@@ -21,10 +21,16 @@ S cache slots.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import optax
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
+
+from jaxgpt.config import JaxgptError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,8 @@ class ModelConfig:
   norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
   mlp: str = 'gelu'  # 'gelu' | 'swiglu'
   use_bias: bool = True
-  attention: str = 'auto'  # 'auto' (cuDNN flash attention on GPU when it applies, else XLA) | 'xla' | 'cudnn'
+  # 'auto' (cuDNN flash attention on GPU when it applies, else XLA) | 'xla' | 'cudnn' | 'splash' (Pallas, TPU)
+  attention: str = 'auto'
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
   dtype: str = 'float32'  # compute dtype; parameters are always float32
@@ -123,13 +130,61 @@ def rotary(x_BxTxHxK, positions_BxT, theta: float):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
 
 
+def splash_block_size(seq_len: int) -> int:
+  """The largest splash-attention tile that divides seq_len; 0 when none does (seq_len % 128 != 0)."""
+  return next((b for b in (512, 256, 128) if seq_len % b == 0), 0)
+
+
+def splash_attention(query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT):
+  """Causal, within-segment attention by JAX's Pallas splash kernel.
+
+  It is a TPU (Mosaic) kernel; on other backends Pallas interprets it, which is
+  slow and only meant for checking it against the XLA path. XLA cannot
+  partition a Pallas call, so under a mesh it runs per shard (shard_map):
+  batch and heads split as the activation rules place them, the sequence whole.
+  """
+  if jax.default_backend() == 'gpu':
+    raise JaxgptError("model.attention='splash' is a TPU kernel; on GPU use 'cudnn' (or 'auto').")
+  T, K = query_BxTxHxK.shape[1], query_BxTxHxK.shape[3]
+  block = splash_block_size(T)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
+                            block_q_dq=block, block_kv_dq=block)
+
+  def per_shard(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT):
+    heads = q_BxTxHxK.shape[2]
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.CausalMask((T, T))] * heads),
+                                    block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=jax.default_backend() != 'tpu')
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel takes [heads, T, K] per row
+    out_BxHxTxK = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=splash.SegmentIds(seg, seg)))(
+        heads_first(q_BxTxHxK * K ** -0.5), heads_first(k_BxTxGxK), heads_first(v_BxTxGxK), seg_BxT)
+    return jnp.swapaxes(out_BxHxTxK, 1, 2)
+
+  args = (query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return per_shard(*args)
+
+  def split(axes, *sizes):
+    """The mesh axes for a dimension, or None (replicated) where they do not divide it, as at init."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    devices = math.prod(mesh.shape[name] for name in names)
+    return axes if all(size % devices == 0 for size in sizes) else None
+
+  batch, _, heads, _ = nn.logical_to_mesh_axes(('act_batch', 'act_length', 'act_heads', 'act_kv'))
+  batch = split(batch, query_BxTxHxK.shape[0])
+  spec = P(batch, None, split(heads, query_BxTxHxK.shape[2], key_BxTxGxK.shape[2]), None)
+  return jax.shard_map(per_shard, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
+                       check_vma=False)(*args)
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, cache=None):
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
     """Returns (x, cache): the (carry, output) pair that nn.scan expects.
 
     Without a cache, attention is over the T tokens given (S = T). With one
@@ -173,10 +228,17 @@ class Block(nn.Module):
                                                 ('act_batch', 'act_length', 'act_heads', 'act_kv'))
                for name, new in (('key', key_BxSxGxK), ('value', value_BxSxGxK))}
       key_BxSxGxK, value_BxSxGxK = cache['key'], cache['value']
-    # Grouped-query attention: dot_product_attention shares each kv head across H // G query heads.
-    attn_BxTxHxK = jax.nn.dot_product_attention(
-        query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask=mask_Bx1xTxS,
-        implementation=None if cfg.attention == 'auto' else cfg.attention)
+    # Grouped-query attention: both paths share each kv head across H // G query heads.
+    if cfg.attention == 'splash' and cache is None:
+      attn_BxTxHxK = splash_attention(query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, segment_ids_BxT)
+    else:
+      if cache is None:
+        mask_Bx1xTxS = attention_mask(segment_ids_BxT)
+      else:
+        mask_Bx1xTxS = cache_mask(positions_BxT, key_BxSxGxK.shape[1])
+      attn_BxTxHxK = jax.nn.dot_product_attention(
+          query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask=mask_Bx1xTxS,
+          implementation=None if cfg.attention in ('auto', 'splash') else cfg.attention)
     w_HxKxD = weight('out', (H, K, D), ('heads', 'kv', 'embed'), resid_std)
     attn_NxD = jnp.einsum('nhk,hkd->nd', attn_BxTxHxK.reshape(B * T, H, K), w_HxKxD)
     attn_NxD = dropout(attn_NxD + bias('out_bias', (D,), ('embed',)))
@@ -237,10 +299,6 @@ class GPT(nn.Module):
       x_BxTxD = x_BxTxD + wpe_TxD[positions_BxT]
     x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD.astype(cfg.dtype), deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed'))
-    if cache is None:
-      mask_Bx1xTxS = attention_mask(segment_ids_BxT)
-    else:
-      mask_Bx1xTxS = cache_mask(positions_BxT, cache['key'].shape[2])
 
     block = Block
     if cfg.remat != 'none':
@@ -250,13 +308,13 @@ class GPT(nn.Module):
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, cache = stack(cfg, deterministic, name='blocks')(x_BxTxD, mask_Bx1xTxS, positions_BxT, cache)
+      x_BxTxD, cache = stack(cfg, deterministic, name='blocks')(x_BxTxD, segment_ids_BxT, positions_BxT, cache)
     else:
       layer_caches = []
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
         x_BxTxD, layer_cache = block(cfg, deterministic, name=f'block_{i}')(
-            x_BxTxD, mask_Bx1xTxS, positions_BxT, layer_cache)
+            x_BxTxD, segment_ids_BxT, positions_BxT, layer_cache)
         layer_caches.append(layer_cache)
       if cache is not None:
         cache = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
@@ -293,6 +351,23 @@ def chunked_cross_entropy(hidden_NxD, head_DxV, targets_N, chunk: int):
   _, losses = jax.lax.scan(lambda _, xs: (None, chunk_losses(*xs)), None,
                            (hidden_NxD.reshape(N // chunk, chunk, D), targets_N.reshape(N // chunk, chunk)))
   return losses.reshape(N)
+
+
+def loss_sums(model, params, batch, rng=None):
+  """(sum of token losses, number of tokens) over the tokens the loss mask keeps.
+
+  Sums rather than a mean so microbatches and eval batches combine exactly.
+  """
+  chunk = model.cfg.loss_chunk
+  outputs = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
+                        deterministic=rng is None, rngs=None if rng is None else {'dropout': rng},
+                        return_hidden=chunk > 0)
+  if chunk:
+    losses = chunked_cross_entropy(*outputs, batch['targets'].reshape(-1), chunk).reshape(batch['targets'].shape)
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(outputs, batch['targets'])
+  mask = batch['loss_mask'].astype(jnp.float32)
+  return (losses * mask).sum(), mask.sum()
 
 
 def num_params(params) -> int:

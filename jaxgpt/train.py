@@ -6,14 +6,18 @@ checkpoints and logs -> samples at the end. Running again with the same
 workdir resumes from the latest checkpoint, data position included.
 """
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import flags
@@ -25,30 +29,13 @@ from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_c
 from jaxgpt.data import builder, pipeline
 from jaxgpt.evaluate import generation_metrics, read_references
 from jaxgpt.metrics import MetricWriter, StepMetrics, format_duration, peak_flops_per_device
-from jaxgpt.model import chunked_cross_entropy, flops_per_token, num_params
+from jaxgpt.model import GPT, flops_per_token, loss_sums, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.preemption import StopSignals
 from jaxgpt.sample import Sampling, complete
 
 RESULTS_FILE = 'results.json'
 METRICS_FILE = 'metrics.jsonl'  # every step's loss, grad norm and learning rate
-
-
-def loss_sums(model, params, batch, rng=None):
-  """(sum of token losses, number of tokens) over the tokens the loss mask keeps.
-
-  Sums rather than a mean so microbatches and eval batches combine exactly.
-  """
-  chunk = model.cfg.loss_chunk
-  outputs = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
-                        deterministic=rng is None, rngs=None if rng is None else {'dropout': rng},
-                        return_hidden=chunk > 0)
-  if chunk:
-    losses = chunked_cross_entropy(*outputs, batch['targets'].reshape(-1), chunk).reshape(batch['targets'].shape)
-  else:
-    losses = optax.softmax_cross_entropy_with_integer_labels(outputs, batch['targets'])
-  mask = batch['loss_mask'].astype(jnp.float32)
-  return (losses * mask).sum(), mask.sum()
 
 
 def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_cfg=None):
@@ -102,27 +89,35 @@ def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_c
   return train_step
 
 
-def evaluate(eval_step, params, data, config, mesh) -> dict:
-  """Mean validation loss over the first `train.eval_batches` batches of the validation split."""
+def evaluate(eval_step, params, data, config, mesh, whole_split: bool = False) -> dict:
+  """Validation loss, perplexity and bits per byte on the held-out split.
+
+  Periodic validations read `train.eval_batches` batches drawn at random from
+  the whole split (the same ones every time, so they compare across steps);
+  `whole_split` reads every token of it once, for the figures a run reports.
+  """
+  split = data.report['validation']
+  rows_per_batch = config.batch_size * (config.seq_len + 1)
+  num_batches = max(1, split['tokens'] // rows_per_batch) if whole_split else config.train.eval_batches
   batches = pipeline.make_iterator(data.chunks('validation', config.seq_len + 1), seq_len=config.seq_len,
-                                   shuffle=False, seed=0,
+                                   shuffle=not whole_split, seed=0,
                                    local_batch_size=config.batch_size // jax.process_count())
   loss_sum, count = 0.0, 0.0
-  for _ in range(config.train.eval_batches):
+  for _ in range(num_batches):
     s, n = eval_step(params, sharding.global_batch(next(batches), mesh))
     loss_sum, count = loss_sum + s, count + n
   loss = float(loss_sum / max(float(count), 1.0))
   # Bits per byte compares models whose tokenizers differ: nats per token, in bits, times the
   # split's tokens per byte of text.
-  split = data.report['validation']
   return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))),
-          'bits_per_byte': loss / math.log(2) * split['tokens'] / split['bytes']}
+          'bits_per_byte': loss / math.log(2) * split['tokens'] / split['bytes'], 'tokens': int(count)}
 
 
-def _log_validation(writer, step: int, results: dict) -> None:
+def _log_validation(writer, step: int, results: dict, whole_split: bool) -> None:
+  where = 'the whole held-out split' if whole_split else 'a sample of the held-out split'
   writer.log(f'step {step}: validation loss {results["loss"]:.3f} | perplexity {results["perplexity"]:.2f} '
-             f'| {results["bits_per_byte"]:.3f} bits/byte')
-  writer.scalars(step, {f'val/{k}': v for k, v in results.items()})
+             f'| {results["bits_per_byte"]:.3f} bits/byte ({results["tokens"]:,} tokens, {where})')
+  writer.scalars(step, {f'val/{k}': v for k, v in results.items() if k != 'tokens'})
 
 
 def _check_writable(workdir: str) -> None:
@@ -172,12 +167,41 @@ def _check_free_space(workdir: str, abstract_state) -> None:
         f'optimizer state) takes {needed / 1e9:.2f} GB. Free some space or choose another --workdir.')
 
 
-def train(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
+@dataclasses.dataclass
+class Run:
+  """What the training loop works with; `set_up` builds it."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  writer: MetricWriter
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  data: builder.PreparedData
+  model: GPT
+  checkpointer: Checkpointer
+  meta: dict
+  train_batches: pipeline.BatchIterator
+  train_step: Callable  # (state, batch, frozen) -> (state, metrics); jitted, state donated
+  eval_step: Callable  # (params, batch) -> (loss sum, tokens)
+  references: list  # eval.references examples for BLEU/ROUGE at each validation
+  frozen: Any = None  # LoRA: the frozen base params, an argument of every step
+  merge: Callable | None = None  # LoRA: (frozen, adapters) -> params
+  model_flops: float = 0.0  # per token
+  peak_flops: float = 0.0  # per device
+
+  def model_params(self, state):
+    """The params the model runs with: for LoRA, the base with the adapters merged in."""
+    return state.params if self.frozen is None else self.merge(self.frozen, state.params)
+
+
+def set_up(config, workdir: str):
+  """Checks the config and workdir, prepares the data, and builds (or restores) the state.
+
+  Returns (run, state, first step). Every check that can fail runs before the
+  first training step, so mistakes surface in seconds, not at the first save.
+  """
   validate(config)
   lora.check_config(config)
   lora_cfg = lora.settings(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
   sharding.initialize_distributed(config.distributed)
   if config.train.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.train.compilation_cache_dir))
@@ -200,7 +224,6 @@ def train(config, workdir: str) -> dict:
 
   model = state_lib.build_model(config, tokenizer.vocab_size)
   steps = config.train.num_steps
-  schedule = learning_rate_schedule(config.optim, steps)
   tx = make_optimizer(config.optim, steps)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, keep_every=config.train.keep_every)
   meta = state_lib.checkpoint_meta(config, tokenizer)
@@ -227,26 +250,20 @@ def train(config, workdir: str) -> dict:
 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   param_shardings = state_lib.state_shardings(model, tx, config.seq_len, mesh, rules).params
-  # LoRA: the frozen base is an argument of every step, not a constant baked into the executable.
-  frozen = None
+  frozen = merge = None
   if lora_cfg is not None:
     frozen = jax.device_put(hf.params_in_layout(base.params, config.model.scan_layers), param_shardings)
     merge = jax.jit(lambda base_params, adapters: lora.merge(base_params, adapters, lora_cfg),
                     out_shardings=param_shardings)
-
-  def model_params(state):
-    """The params the model runs with: for LoRA, the base with the adapters merged in."""
-    return state.params if frozen is None else merge(frozen, state.params)
-
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.seed + 1, lora_cfg),
+      make_train_step(model, tx, learning_rate_schedule(config.optim, steps), config.optim.grad_accum_steps,
+                      config.seed + 1, lora_cfg),
       in_shardings=(state_shardings, batch_sharding, None if frozen is None else param_shardings),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_step = jax.jit(lambda params, batch: loss_sums(model, params, batch),
                       in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
-  tokens_per_step = config.batch_size * config.seq_len
   model_flops = flops_per_token(model.cfg, config.seq_len)
   peak, peak_source = peak_flops_per_device(config.train.peak_flops_per_device)
   trained = num_params(state.params)
@@ -257,22 +274,35 @@ def train(config, workdir: str) -> dict:
     writer.log(f'LoRA rank {lora_cfg.rank} on {", ".join(lora_cfg.targets)}: {trained:,} trained parameters '
                f'({100 * trained / total:.2f}%); the base at {config.init_from} stays frozen')
   writer.log(f'optimizer state: {_num_bytes(state.opt_state) / 1e6:.2f} MB for {trained:,} trained parameters')
+  run = Run(config=config, workdir=workdir, writer=writer, mesh=mesh, rules=rules, data=data, model=model,
+            checkpointer=checkpointer, meta=meta, train_batches=train_batches, train_step=train_step,
+            eval_step=eval_step, references=references, frozen=frozen, merge=merge,
+            model_flops=model_flops, peak_flops=peak)
+  return run, state, start
 
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
+  run, state, start = set_up(config, os.path.abspath(os.path.expanduser(workdir)))
+  writer, steps = run.writer, config.train.num_steps
+  tokens_per_step = config.batch_size * config.seq_len
   results = {}
-  step_metrics = StepMetrics(os.path.join(workdir, METRICS_FILE), start, config.train.on_nonfinite, writer.log)
+  step_metrics = StepMetrics(os.path.join(run.workdir, METRICS_FILE), start, config.train.on_nonfinite, writer.log)
   stopped_by = None
   interval_start, interval_steps = time.perf_counter(), 0
+  first_step_seconds, train_seconds = 0.0, 0.0  # wall time in train steps alone, for the final summary
   # Leaving this block, by the end or by an error, waits for the save in flight to complete.
-  with sharding.activation_rules(mesh, rules), StopSignals() as stop_signals, checkpointer:
+  with sharding.activation_rules(run.mesh, run.rules), StopSignals() as stop_signals, run.checkpointer:
     for step in range(start, steps):
-      batch = sharding.global_batch(next(train_batches), mesh)
-      state, metrics = train_step(state, batch, frozen)
+      batch = sharding.global_batch(next(run.train_batches), run.mesh)
+      state, metrics = run.train_step(state, batch, run.frozen)
       done = step + 1
       step_metrics.add(done, metrics)
       interval_steps += 1
       if step == start:
         jax.block_until_ready(state)
-        writer.log(f'step {done}: compiled and ran the first step in {time.perf_counter() - interval_start:.1f}s')
+        first_step_seconds = time.perf_counter() - interval_start
+        writer.log(f'step {done}: compiled and ran the first step in {first_step_seconds:.1f}s')
         interval_start, interval_steps = time.perf_counter(), 0
       stopping = stop_signals.should_stop(done)
       log_now = interval_steps > 0 and (done % config.train.log_every == 0 or done == steps)
@@ -281,28 +311,15 @@ def train(config, workdir: str) -> dict:
         # Where the loop waits for the device anyway; in 'stop' mode this raises before a bad step is saved.
         step_metrics.pull()
       if log_now:
-        host = step_metrics.take()
         elapsed = time.perf_counter() - interval_start
-        step_time = elapsed / interval_steps
-        tokens_per_sec = tokens_per_step / step_time
-        mfu = model_flops * tokens_per_sec / (peak * jax.device_count())
-        loss = float(np.mean([m['loss'] for m in host]))
-        writer.log(f'step {done}/{steps} | loss {loss:.3f} | lr {host[-1]["learning_rate"]:.2e} | '
-                   f'grad norm {host[-1]["grad_norm"]:.2f} | {tokens_per_sec:,.0f} tok/s | '
-                   f'MFU {100 * mfu:.1f}% | ETA {format_duration(step_time * (steps - done))}')
-        writer.scalars(done, {'train/loss': loss, 'train/learning_rate': float(host[-1]['learning_rate']),
-                              'train/grad_norm': float(host[-1]['grad_norm']),
-                              'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu})
+        train_seconds += elapsed
+        _log_progress(run, done, step_metrics.take(), elapsed / interval_steps)
         interval_start, interval_steps = time.perf_counter(), 0
       if (done % config.train.eval_every == 0 or done == steps) and not stopping:
-        params = model_params(state)
-        results = evaluate(eval_step, params, data, config, mesh)
-        if references:
-          _log_generation_metrics(writer, done, model, params, tokenizer, references, config.eval)
-        _log_validation(writer, done, results)
+        results = _validate(run, state, done, whole_split=done == steps and config.train.final_eval_whole_split)
         interval_start = time.perf_counter()
       if save_now:
-        checkpointer.save(done, state, train_batches, meta)
+        run.checkpointer.save(done, state, run.train_batches, run.meta)
         interval_start = time.perf_counter()
       if stopping:
         stopped_by = stop_signals.received or 'a preemption notice'
@@ -312,15 +329,42 @@ def train(config, workdir: str) -> dict:
                'Run the same command to resume.')
     writer.close()
     return {'step': done, 'stopped_by': stopped_by}
-  if not results:
-    results = evaluate(eval_step, model_params(state), data, config, mesh)
-    _log_validation(writer, start, results)
-  results['step'] = max(start, steps)
+  if not results:  # resumed at the end: nothing trained, but the figures are still reported
+    results = _validate(run, state, start, whole_split=config.train.final_eval_whole_split)
+  if train_seconds:
+    tokens_per_sec = (steps - start - 1) * tokens_per_step / train_seconds
+    writer.log(f'trained {steps - start} steps in {format_duration(first_step_seconds + train_seconds)}: '
+               f'{format_duration(first_step_seconds)} for the first (compiling), then {tokens_per_sec:,.0f} '
+               'tokens/s; validation and checkpoints not counted')
+  results.update(step=max(start, steps), train_seconds=first_step_seconds + train_seconds)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
+    with open(os.path.join(run.workdir, RESULTS_FILE), 'w') as f:
       json.dump(results, f, indent=2)
-  _print_samples(model, model_params(state), tokenizer, config, writer)
+  _print_samples(run.model, run.model_params(state), run.data.tokenizer, config, writer)
   writer.close()
+  return results
+
+
+def _log_progress(run: Run, step: int, host_metrics: list[dict], step_seconds: float) -> None:
+  tokens_per_sec = run.config.batch_size * run.config.seq_len / step_seconds
+  mfu = run.model_flops * tokens_per_sec / (run.peak_flops * jax.device_count())
+  loss = float(np.mean([m['loss'] for m in host_metrics]))
+  last, steps = host_metrics[-1], run.config.train.num_steps
+  run.writer.log(f'step {step}/{steps} | loss {loss:.3f} | lr {last["learning_rate"]:.2e} | '
+                 f'grad norm {last["grad_norm"]:.2f} | {tokens_per_sec:,.0f} tok/s | '
+                 f'MFU {100 * mfu:.1f}% | ETA {format_duration(step_seconds * (steps - step))}')
+  run.writer.scalars(step, {'train/loss': loss, 'train/learning_rate': float(last['learning_rate']),
+                            'train/grad_norm': float(last['grad_norm']),
+                            'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu})
+
+
+def _validate(run: Run, state, step: int, whole_split: bool) -> dict:
+  params = run.model_params(state)
+  results = evaluate(run.eval_step, params, run.data, run.config, run.mesh, whole_split)
+  if run.references:
+    _log_generation_metrics(run.writer, step, run.model, params, run.data.tokenizer, run.references,
+                            run.config.eval)
+  _log_validation(run.writer, step, results, whole_split)
   return results
 
 

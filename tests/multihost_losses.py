@@ -16,7 +16,6 @@ PROCESS_ID, NUM_PROCESSES, PORT, CKPT = int(sys.argv[1]), int(sys.argv[2]), sys.
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={4 // NUM_PROCESSES}'
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import quickstart  # noqa: E402

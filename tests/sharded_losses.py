@@ -33,10 +33,10 @@ def batch(step: int) -> dict:
   return random_batch(BATCH, SEQ, VOCAB, seed=step)
 
 
-def setup(mesh_shape):
+def setup(mesh_shape, seq=SEQ, attention='auto'):
   config = quickstart.get_config()
-  config.seq_len, config.batch_size = SEQ, BATCH
-  config.model.update(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=128, max_len=SEQ)
+  config.seq_len, config.batch_size = seq, BATCH
+  config.model.update(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=128, max_len=seq, attention=attention)
   config.optim.warmup_steps = 1
   config.mesh.update(dict(zip(sharding.MESH_AXES, mesh_shape)))
   devices = jax.devices()[:int(np.prod(mesh_shape))]
@@ -44,7 +44,7 @@ def setup(mesh_shape):
   sharding.check_divisibility(config, mesh.shape)
   model = state_lib.build_model(config, VOCAB)
   tx = make_optimizer(config.optim, 10)
-  abstract = state_lib.abstract_state(model, tx, SEQ, mesh)
+  abstract = state_lib.abstract_state(model, tx, seq, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   step = jax.jit(make_train_step(model, tx, learning_rate_schedule(config.optim, 10), 1),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
@@ -75,6 +75,18 @@ def run(mesh_shape, checkpoint_dir=None):
           'adam_mu_shard_shape': list(state.opt_state[1][0].mu['blocks']['query'].addressable_shards[0].data.shape)}
 
 
+def first_step(mesh_shape, attention: str) -> list[float]:
+  """Loss and gradient norm of one step at sequence 128 (splash's tile), packed rows, on `mesh_shape`."""
+  mesh, model, tx, _, step = setup(mesh_shape, 128, attention)
+  state = state_lib.create_state(model, tx, 128, mesh, jax.random.key(0))
+  packed = random_batch(BATCH, 128, VOCAB, seed=0)
+  packed['segment_ids'] = np.where(np.arange(128) < 50, 1, 2).repeat(BATCH).reshape(128, BATCH).T.copy()
+  packed['positions'] = np.where(np.arange(128) < 50, np.arange(128), np.arange(128) - 50)[None].repeat(BATCH, 0)
+  with sharding.activation_rules(mesh):
+    _, metrics = step(state, sharding.global_batch(packed, mesh))
+  return [float(metrics['loss']), float(metrics['grad_norm'])]
+
+
 def fourth_step_after_restore(mesh_shape, checkpoint_dir) -> float:
   """Restores the 3-step state onto `mesh_shape` (resharding it) and trains one more step."""
   mesh, _, _, abstract, step = setup(mesh_shape)
@@ -89,4 +101,6 @@ if __name__ == '__main__':
   results = {name: run(shape, saved_on_fsdp8 if name == 'fsdp8' else None) for name, shape in MESHES.items()}
   for name, shape in MESHES.items():
     results[name]['fourth_loss_from_fsdp8_checkpoint'] = fourth_step_after_restore(shape, saved_on_fsdp8)
+  # splash runs under shard_map: batch split over data x fsdp, heads over tensor.
+  results['attention'] = {attention: first_step((2, 2, 2), attention) for attention in ('xla', 'splash')}
   print(json.dumps(results))

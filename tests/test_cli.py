@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import REPO, TINY_OVERRIDES, override_args, run_module
+from conftest import TINY_OVERRIDES, override_args, run_module
 
 
 def _train(workdir, data_cache, *extra, env=None):

@@ -16,7 +16,8 @@ from jaxgpt.config import JaxgptError, base_config
 from jaxgpt.data import instructions, pipeline
 from jaxgpt.data.tokenizer import load_byte_level_bpe
 from jaxgpt.sample import Sampling, complete
-from jaxgpt.train import loss_sums, train
+from jaxgpt.model import loss_sums
+from jaxgpt.train import train
 from test_configs import load
 
 LETTERS = 'abcdefgh'

@@ -38,6 +38,11 @@ def test_checkpoint_from_one_mesh_resumes_on_another(runs, mesh):
                              rtol=1e-5)
 
 
+def test_splash_attention_runs_per_shard_and_matches_xla(runs):
+  """On data2 x fsdp2 x tensor2 the Pallas kernel runs under shard_map, on packed rows."""
+  np.testing.assert_allclose(runs['attention']['splash'], runs['attention']['xla'], rtol=1e-5)
+
+
 def test_fsdp_and_tensor_parallelism_really_split_the_parameters(runs):
   # query kernel: [layers, embed, heads, head_dim]; embed goes to fsdp, heads to tensor.
   assert runs['single']['query_shard_shape'] == [2, 64, 4, 16]
