@@ -17,6 +17,9 @@ sys.path.insert(0, REPO)
 from configs import quickstart  # noqa: E402
 
 # Small enough to train a step in well under a second on 2 CPU cores.
+GPT2_ARCHITECTURE = {'model.position': 'learned', 'model.norm': 'layernorm', 'model.mlp': 'gelu',
+                     'model.use_bias': True}
+
 TINY_OVERRIDES = {
     'seq_len': 64,
     'batch_size': 8,
@@ -35,6 +38,8 @@ TINY_OVERRIDES = {
     'train.checkpoint_every': 10,
     'train.peak_flops_per_device': 1e11,  # skip the matmul measurement in tests
     'sample.max_new_tokens': 8,
+    # GPT-2 blocks, whatever architecture the quickstart settles on: tests of other parts rely on it.
+    **GPT2_ARCHITECTURE,
 }
 
 

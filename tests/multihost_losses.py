@@ -18,9 +18,9 @@ os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={4 // NUM_PRO
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import quickstart  # noqa: E402
 from jaxgpt import sharding, state as state_lib  # noqa: E402
 from jaxgpt.checkpoint import Checkpointer  # noqa: E402
+from jaxgpt.config import base_config  # noqa: E402
 from jaxgpt.data.pipeline import random_batch  # noqa: E402
 from jaxgpt.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from jaxgpt.train import make_train_step  # noqa: E402
@@ -34,7 +34,7 @@ def local_rows(step: int) -> dict:
 
 
 def main():
-  config = quickstart.get_config()
+  config = base_config()
   if NUM_PROCESSES > 1:
     config.distributed.update(coordinator_address=f'127.0.0.1:{PORT}', num_processes=NUM_PROCESSES,
                               process_id=PROCESS_ID)

@@ -17,9 +17,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import quickstart  # noqa: E402
 from jaxgpt import sharding, state as state_lib  # noqa: E402
 from jaxgpt.checkpoint import Checkpointer  # noqa: E402
+from jaxgpt.config import base_config  # noqa: E402
 from jaxgpt.data.pipeline import random_batch  # noqa: E402
 from jaxgpt.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from jaxgpt.train import make_train_step  # noqa: E402
@@ -34,7 +34,7 @@ def batch(step: int) -> dict:
 
 
 def setup(mesh_shape, seq=SEQ, attention='auto'):
-  config = quickstart.get_config()
+  config = base_config()
   config.seq_len, config.batch_size = seq, BATCH
   config.model.update(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=128, max_len=seq, attention=attention)
   config.optim.warmup_steps = 1
