@@ -29,8 +29,7 @@ def get_config(size: str = 'small'):
   c.data.source = 'jsonl'
   c.data.vocab_size = 50304
   c.data.val_fraction = 0.005
-  c.model.update(num_layers=layers, num_heads=heads, embed_dim=width, mlp_dim=4 * width, max_len=1024,
-                 dtype='bfloat16', remat='dots')
+  c.model.update(num_layers=layers, num_heads=heads, embed_dim=width, mlp_dim=4 * width, max_len=1024, remat='dots')
   c.optim.update(lr=6e-4 if size == 'small' else 3e-4, warmup_steps=2000, grad_accum_steps=accum)
   c.train.update(num_steps=100_000, log_every=100, eval_every=2000, eval_batches=50,
                  checkpoint_every=2000, keep_checkpoints=3)

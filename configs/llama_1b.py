@@ -22,7 +22,7 @@ def get_config():
   c.data.val_fraction = 0.005
   c.model.update(num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, mlp_dim=8192, max_len=2048,
                  position='rope', rope_theta=500000.0, norm='rmsnorm', mlp='swiglu', use_bias=False,
-                 tie_embeddings=False, dtype='bfloat16', remat='dots')
+                 tie_embeddings=False, remat='dots')
   c.optim.update(lr=3e-4, warmup_steps=2000, grad_accum_steps=16, weight_decay=0.1)
   c.train.update(num_steps=100_000, log_every=100, eval_every=2000, eval_batches=50,
                  checkpoint_every=1000, keep_checkpoints=3)

@@ -125,7 +125,9 @@ def base_config() -> ConfigDict:
   # TPU; interpreted, slowly, elsewhere; needs seq_len a multiple of 128).
   c.model.attention = 'auto'
   c.model.dropout_rate = 0.0
-  c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
+  # Compute dtype (parameters and optimizer state stay float32): 'auto' is bfloat16 on GPU/TPU and
+  # float32 on CPU, where bf16 matmuls are slower; or 'float32', 'bfloat16'.
+  c.model.dtype = 'auto'
   c.model.scan_layers = True  # compile time independent of depth
   c.model.remat = 'dots'  # 'none', 'full', 'dots' (save matmul outputs) or 'offload' (keep them on the host)
   # >0: compute the loss's logits this many tokens at a time, never all batch x seq x vocab of them
@@ -291,7 +293,8 @@ def validate(config: ConfigDict) -> None:
     problems.append(f'data.val_fraction={d.val_fraction} must be between 0 and 1')
   for field, allowed in (('remat', ('none', 'full', 'dots', 'offload')), ('position', ('learned', 'rope')),
                          ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
-                         ('attention', ('auto', 'xla', 'cudnn', 'splash'))):
+                         ('attention', ('auto', 'xla', 'cudnn', 'splash')),
+                         ('dtype', ('auto', 'float32', 'bfloat16'))):
     if m[field] not in allowed:
       problems.append(f'model.{field}={m[field]!r} is not one of {", ".join(map(repr, allowed))}')
   if m.attention == 'splash' and config.seq_len % 128:

@@ -65,9 +65,15 @@ class ModelConfig:
     return self.num_kv_heads or self.num_heads
 
   @classmethod
-  def from_config(cls, model_cfg, vocab_size: int) -> 'ModelConfig':
+  def from_config(cls, model_cfg, vocab_size: int, backend: str | None = None) -> 'ModelConfig':
+    """From a config's model section. dtype 'auto' becomes bfloat16 on GPU/TPU and float32 on
+    CPU (`backend`, default JAX's), where XLA's bf16 matmuls are slower than float32 ones."""
     fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size'}
-    return cls(vocab_size=vocab_size, **{k: model_cfg[k] for k in fields if k in model_cfg})
+    cfg = cls(vocab_size=vocab_size, **{k: model_cfg[k] for k in fields if k in model_cfg})
+    if cfg.dtype == 'auto':
+      cpu = (backend or jax.default_backend()) == 'cpu'
+      cfg = dataclasses.replace(cfg, dtype='float32' if cpu else 'bfloat16')
+    return cfg
 
 
 def _normal(stddev: float, names: tuple):

@@ -162,3 +162,24 @@ def test_splash_attention_matches_xla_on_packed_rows():
   for a, b in zip(jax.tree.leaves(jax.grad(lambda p: loss(splash, p))(params)),
                   jax.tree.leaves(jax.grad(lambda p: loss(model, p))(params))):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_dtype_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
+  from jaxgpt.config import base_config
+  model_cfg = base_config().model
+  assert model_cfg.dtype == 'auto'
+  assert ModelConfig.from_config(model_cfg, 97, backend='cpu').dtype == 'float32'
+  assert ModelConfig.from_config(model_cfg, 97, backend='tpu').dtype == 'bfloat16'
+  assert ModelConfig.from_config(model_cfg, 97, backend='gpu').dtype == 'bfloat16'
+
+
+@pytest.mark.parametrize('cfg', [CFG, VARIANTS['llama']], ids=['gpt2', 'llama'])
+def test_bfloat16_compute_keeps_float32_parameters_and_matches_float32(cfg):
+  model, params = _init(cfg)
+  half = GPT(dataclasses.replace(cfg, dtype='bfloat16'))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, cfg.vocab_size)
+  full_logits, half_logits = model.apply({'params': params}, tokens), half.apply({'params': params}, tokens)
+  assert half_logits.dtype == jnp.float32  # the softmax runs in float32
+  np.testing.assert_allclose(half_logits, full_logits, atol=0.05)
+  assert np.abs(np.asarray(half_logits - full_logits)).max() > 0  # it did compute in bf16

@@ -1,7 +1,6 @@
 """Training-step benchmark: step time, tokens/s, MFU, compile time, memory.
 
-  python tools/bench.py --preset mid                 # the figures in docs/performance.md
-  python tools/bench.py --preset tiny
+  python tools/bench.py --preset mid --preset tiny   # the figures in docs/performance.md
   python tools/bench.py --config configs/quickstart.py --config.model.remat=full
   python tools/bench.py --preset mid --sweep remat   # memory against speed per remat policy
   python tools/bench.py --sweep depth                # compile time, 12 vs 48 layers, scan on/off
@@ -35,7 +34,8 @@ from jaxgpt.train import make_train_step  # noqa: E402
 PRESETS = {
     'tiny': dict(num_layers=4, embed_dim=128, num_heads=4, mlp_dim=512, seq_len=64, batch_size=12, vocab=8192),
     'mid': dict(num_layers=8, embed_dim=512, num_heads=8, mlp_dim=2048, seq_len=256, batch_size=8, vocab=8192),
-    'quickstart': dict(num_layers=4, embed_dim=256, num_heads=4, mlp_dim=1024, seq_len=128, batch_size=16, vocab=4096),
+    # The first quickstart's shape (GPT-2, 4 x 256); configs/quickstart.py is now narrower.
+    'small': dict(num_layers=4, embed_dim=256, num_heads=4, mlp_dim=1024, seq_len=128, batch_size=16, vocab=4096),
 }
 
 
@@ -116,7 +116,7 @@ HEADER = f'{"run":<22} {"step ms":>9} {"tokens/s":>11} {"MFLOP/tok":>10} {"MFU":
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  config = FLAGS.config if FLAGS.config is not None else preset_config(FLAGS.preset)
+  config = FLAGS.config if FLAGS.config is not None else preset_config(FLAGS.preset[0])
   print(f'jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}')
   if FLAGS.sweep == 'depth':
     print(f'{"layers":>6} {"scan":>5} {"compile s":>10}')
@@ -135,12 +135,17 @@ def main(argv):
       config.model.remat = policy
       print(_row(f'remat={policy}', measure(config, peak, FLAGS.steps, FLAGS.rounds)), flush=True)
     return
-  print(_row(FLAGS.preset if FLAGS.config is None else 'config', measure(config, peak, FLAGS.steps, FLAGS.rounds)))
+  if FLAGS.config is not None:
+    print(_row('config', measure(config, peak, FLAGS.steps, FLAGS.rounds)))
+  for name in FLAGS.preset if FLAGS.config is None else ():
+    print(_row(name, measure(preset_config(name), peak, FLAGS.steps, FLAGS.rounds)), flush=True)
 
 
 def cli():
   define_config_flag()
-  flags.DEFINE_enum('preset', 'mid', list(PRESETS), 'Shape to benchmark when --config is not given.')
+  flags.DEFINE_multi_enum('preset', ['mid'], list(PRESETS),
+                          'Shapes to benchmark when --config is not given; repeat the flag to compare several '
+                          'side by side, against one peak measurement.')
   flags.DEFINE_enum('sweep', None, ['remat', 'depth'], 'Compare remat policies, or compile time by depth.')
   flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
   flags.DEFINE_integer('rounds', 3, 'Rounds; the median round is reported.')

@@ -1,9 +1,9 @@
 """Decoding benchmark: tokens/s with and without the KV cache.
 
-  python tools/bench_sample.py                      # quickstart model shape, 256 new tokens
+  python tools/bench_sample.py                      # 4 layers x 256, 256 new tokens
   python tools/bench_sample.py --batch 8 --new_tokens 128
 
-Random parameters in the quickstart model's shape (4 layers, 256 wide, vocab
+Random parameters in the first quickstart's shape (4 layers, 256 wide, vocab
 4096) with a context of 512 so that 256 new tokens fit; greedy decoding with
 no EOS so every run produces exactly `new_tokens` per row. Each variant is
 compiled first, then timed over several rounds; the median is reported.

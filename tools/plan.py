@@ -65,7 +65,7 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, local_batch: int, tensor: i
 def plan(config, num_devices: int) -> dict:
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   rules = sharding.logical_rules(config.mesh)
-  cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
+  cfg = ModelConfig.from_config(config.model, config.data.vocab_size, backend='accelerator')  # plans are for GPU/TPU
   boxed = jax.eval_shape(lambda: GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   params = nn.unbox(boxed)
   param_bytes = _sharded_bytes(params, nn.get_partition_spec(boxed), sizes, rules)
