@@ -30,6 +30,17 @@ def test_imported_model_gives_the_logits_of_transformers(tmp_path, save):
   np.testing.assert_allclose(_jaxgpt_logits(str(tmp_path / 'run')), hf_logits(reference, IDS), atol=1e-4, rtol=0)
 
 
+def test_a_bfloat16_checkpoint_imports(tmp_path):
+  """Most published Llama checkpoints store bf16 tensors; they import as exact float32 values."""
+  import torch
+  directory = str(tmp_path / 'hf')
+  model = save_llama(directory).to(torch.bfloat16)
+  model.save_pretrained(directory)  # the same weights again, stored as bf16
+  assert {str(t.dtype) for t in load_file(os.path.join(directory, 'model.safetensors')).values()} == {'bfloat16'}
+  convert.import_hf(directory, str(tmp_path / 'run'))
+  np.testing.assert_allclose(_jaxgpt_logits(str(tmp_path / 'run')), hf_logits(model.float(), IDS), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize('arch', ['gpt2', 'llama'])
 def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, arch):
   _, transformers = require_transformers()
