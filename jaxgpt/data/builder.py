@@ -56,6 +56,14 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, docs):
     yield from enumerate(docs)
 
+  # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" around
+  # every build. Nothing is downloaded here, and `prepare` logs its own progress.
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
+
 
 @dataclasses.dataclass
 class PreparedData:
