@@ -76,10 +76,13 @@ def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_c
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     loss, grad_norm = loss_sum / count, optax.global_norm(grads)
     # A non-finite loss, gradient or update (a bad batch, an overflow, a bad learning rate) is not
-    # applied: params and optimizer state stay as they were, decided here on the device so that
-    # no step waits for the host. The step still counts: its batch has been consumed.
+    # applied: params and Adam's moments stay as they were, decided here on the device so that
+    # no step waits for the host. The step still counts: its batch has been consumed, and the
+    # optimizer's integer step counts advance with it, so the learning-rate schedule stays on
+    # `state.step` instead of lagging by the skipped steps.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
-    keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    keep_finite = lambda new, old: jax.tree.map(
+        lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + 1,
                               params=keep_finite(optax.apply_updates(state.params, updates), state.params),
                               opt_state=keep_finite(opt_state, state.opt_state))

@@ -218,7 +218,10 @@ def test_a_nonfinite_batch_is_not_applied(tiny_config):
   assert not bool(metrics['finite']) and not np.isfinite(float(metrics['loss']))
   assert int(state.step) == 2  # the batch is consumed
   for a, b in zip(jax.tree.leaves((before.params, before.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if np.issubdtype(a.dtype, np.integer):  # the optimizer's step counts: the schedule follows state.step
+      np.testing.assert_array_equal(np.asarray(b), 2)
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   state, metrics = step(state, batch)
   assert bool(metrics['finite'])
   assert not np.array_equal(np.asarray(state.params['token_embedding']), before.params['token_embedding'])
