@@ -249,7 +249,13 @@ def run_cli(main: Callable[[Sequence[str]], None]) -> None:
         traceback.print_exc()
       _fail(str(e))
 
-  app.run(guarded_main, flags_parser=_parse_flags)
+  try:
+    app.run(guarded_main, flags_parser=_parse_flags)
+  except SystemExit as e:
+    # absl prints the help asked for, then exits 1; asking for help is not a failure.
+    if e.code == 1 and any(arg in ('-h', '--help', '--helpshort', '--helpfull') for arg in sys.argv[1:]):
+      sys.exit(0)
+    raise
 
 
 def require_extra(extra: str, *modules: str) -> None:

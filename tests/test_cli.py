@@ -140,3 +140,11 @@ def test_a_missing_optional_dependency_names_its_extra():
   with pytest.raises(JaxgptError, match=r'no_such_module_xyz not installed: .*pip install -e "\.\[serve\]"'):
     require_extra('serve', 'no_such_module_xyz')
   require_extra('serve', 'json')  # present: no error
+
+
+@pytest.mark.parametrize('command,flag', [('jaxgpt.train', '--workdir'), ('jaxgpt.sample', '--prompt'),
+                                          ('jaxgpt.convert', '--import_hf')])
+def test_help_prints_the_usage_and_succeeds(command, flag):
+  result = run_module(command, '--help')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'python -m {command}' in result.stdout and flag in result.stdout
