@@ -12,6 +12,7 @@ does restore.
 """
 
 import os
+import re
 import time
 
 import grain
@@ -67,10 +68,21 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self._restore(step, meta=ocp.args.JsonRestore())['meta']
 
+  def data_process_count(self, step: int) -> int | None:
+    """How many processes wrote the step's data positions (one file each); None without any."""
+    directory = os.path.join(self.directory, str(step), 'data')
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json$').match, names) if m}
+    return counts.pop() if len(counts) == 1 else None
+
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state onto the shardings in `abstract_state`, and the iterator in place."""
+    """Restores the state onto the shardings in `abstract_state`, and the iterator in place.
+
+    Data positions are per process: written by another number of processes, they are left
+    unread and the iterator is not touched (the caller decides how to go on).
+    """
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    if data_iterator is not None and self.data_process_count(step) in (None, jax.process_count()):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._restore(step, **items)['state']
 

@@ -232,9 +232,10 @@ def set_up(config, workdir: str):
   meta = state_lib.checkpoint_meta(config, tokenizer)
   # Read now, so that a bad references file fails before training rather than at the first validation.
   references = read_references(config.eval.references)[:config.eval.max_examples] if config.eval.references else []
-  train_batches = pipeline.make_iterator(
-      data.chunks('train', config.seq_len + 1), seq_len=config.seq_len, seed=config.seed,
+  make_train_batches = lambda seed: pipeline.make_iterator(
+      data.chunks('train', config.seq_len + 1), seq_len=config.seq_len, seed=seed,
       shuffle=config.data.shuffle, local_batch_size=config.batch_size // jax.process_count())
+  train_batches = make_train_batches(config.seed)
 
   abstract = state_lib.abstract_state(model, tx, config.seq_len, mesh, rules, lora_cfg)
   _check_free_space(workdir, abstract)
@@ -249,6 +250,15 @@ def set_up(config, workdir: str):
   else:
     start, state = restored
     writer.log(f'resumed from step {start} in {checkpointer.directory}')
+    saved_by = checkpointer.data_process_count(start)
+    if saved_by not in (None, jax.process_count()):
+      # Each process saved its own position in its own slice of the data; with another process
+      # count the slices differ, so the positions mean nothing. A new shuffle, seeded by the step.
+      train_batches = make_train_batches(config.seed + start)
+      writer.log(f'warning: step {start} was saved by {saved_by} processes and this run has '
+                 f'{jax.process_count()}: the model and optimizer resume exactly, but the data order '
+                 'starts a new shuffle, so some documents come round again before others are seen. '
+                 f'Resume with {saved_by} processes to continue the data exactly.')
   _save_run_files(workdir, config, tokenizer)
 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)

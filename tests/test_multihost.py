@@ -53,7 +53,8 @@ def test_two_processes_save_and_restore_one_checkpoint(runs):
 
 
 def test_train_command_with_two_processes(tmp_path, data_cache):
-  """The real CLI as two processes: only process 0 logs; each saves its own data position."""
+  """The real CLI as two processes: only process 0 logs; each saves its own data position; one
+  process can take the run over."""
   from conftest import REPO, TINY_OVERRIDES, override_args
   port = _free_port()
   args = [sys.executable, '-m', 'jaxgpt.train', '--config', 'configs/quickstart.py', '--workdir', str(tmp_path / 'run'),
@@ -71,6 +72,16 @@ def test_train_command_with_two_processes(tmp_path, data_cache):
   assert 'step 10/10' not in out1 and 'validation loss' not in out1
   data_state = sorted(os.listdir(tmp_path / 'run' / 'checkpoints' / '10' / 'data'))
   assert 'process_0-of-2.json' in data_state and 'process_1-of-2.json' in data_state
+
+  # Resumed by one process (a smaller slice after a preemption): the state restores, the data
+  # order starts a new shuffle, with a warning saying so.
+  one_process = [a for a in args if not a.startswith('--config.distributed')] + ['--config.train.num_steps=14']
+  single = subprocess.run(one_process, cwd=REPO, text=True, capture_output=True, timeout=300,
+                          env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert single.returncode == 0, single.stderr[-3000:]
+  assert 'resumed from step 10' in single.stdout and 'step 14/14 | loss' in single.stdout
+  assert 'warning: step 10 was saved by 2 processes and this run has 1' in single.stdout
+  assert 'process_0-of-1.json' in os.listdir(tmp_path / 'run' / 'checkpoints' / '14' / 'data')
 
 
 def test_sigterm_to_two_processes_saves_one_agreed_step(tmp_path, data_cache):
