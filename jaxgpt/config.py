@@ -306,6 +306,11 @@ def validate(config: ConfigDict) -> None:
   if m.attention == 'splash' and config.seq_len % 128:
     problems.append(f"model.attention='splash' tiles the sequence by 128; seq_len={config.seq_len} is not a "
                     'multiple of 128 (use 128, 256, ... or attention=auto)')
+  # Checked now, not when the samples at the end of a finished run would fail on them.
+  for name, section in (('sample', config.sample), ('eval', config.eval)):
+    if not 0 < section.max_new_tokens < m.max_len:
+      problems.append(f'{name}.max_new_tokens={section.max_new_tokens} must be between 1 and '
+                      f'{m.max_len - 1} (model.max_len={m.max_len} holds the prompt and the new tokens)')
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     problems.append(f'model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}')
   if m.position == 'rope' and (m.embed_dim // m.num_heads) % 2:

@@ -89,6 +89,8 @@ def test_resuming_with_another_tokenizer_is_refused(trained):
     (['--config', 'configs/quickstart.py'], '--workdir is required'),
     (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.model.num_heads=3'],
      'model.embed_dim=128 is not divisible by model.num_heads=3'),
+    (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.sample.max_new_tokens=500'],
+     'sample.max_new_tokens=500 must be between 1 and 127'),
     (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.mesh.data=3'],
      'mesh (data=3, fsdp=1, tensor=1) needs 3 devices but 1 are available'),
     (['--config', 'configs/quickstart.py', '--workdir', '/tmp/x', '--config.data.source=dir',
