@@ -136,11 +136,6 @@ def rotary(x_BxTxHxK, positions_BxT, theta: float):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
 
 
-def splash_block_size(seq_len: int) -> int:
-  """The largest splash-attention tile that divides seq_len; 0 when none does (seq_len % 128 != 0)."""
-  return next((b for b in (512, 256, 128) if seq_len % b == 0), 0)
-
-
 def splash_attention(query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT):
   """Causal, within-segment attention by JAX's Pallas splash kernel.
 
@@ -152,14 +147,16 @@ def splash_attention(query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT)
   if jax.default_backend() == 'gpu':
     raise JaxgptError("model.attention='splash' is a TPU kernel; on GPU use 'cudnn' (or 'auto').")
   T, K = query_BxTxHxK.shape[1], query_BxTxHxK.shape[3]
-  block = splash_block_size(T)
-  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
+  block = next((b for b in (512, 256, 128) if T % b == 0), None)  # the largest tile that fits
+  if block is None:
+    raise JaxgptError(f"model.attention='splash' tiles the sequence by 128; {T} tokens is not a multiple.")
+  tiles = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
                             block_q_dq=block, block_kv_dq=block)
 
   def per_shard(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT):
     heads = q_BxTxHxK.shape[2]
     kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.CausalMask((T, T))] * heads),
-                                    block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    block_sizes=tiles, head_shards=1, q_seq_shards=1,
                                     interpret=jax.default_backend() != 'tpu')
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel takes [heads, T, K] per row
     out_BxHxTxK = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=splash.SegmentIds(seg, seg)))(

@@ -345,10 +345,11 @@ def train(config, workdir: str) -> dict:
   if not results:  # resumed at the end: nothing trained, but the figures are still reported
     results = _validate(run, state, start, whole_split=config.train.final_eval_whole_split)
   if train_seconds:
-    tokens_per_sec = (steps - start - 1) * tokens_per_step / train_seconds
+    results['seconds_per_step'] = train_seconds / (steps - start - 1)  # after the first (compiling) one
     writer.log(f'trained {steps - start} steps in {format_duration(first_step_seconds + train_seconds)}: '
-               f'{format_duration(first_step_seconds)} for the first (compiling), then {tokens_per_sec:,.0f} '
-               'tokens/s; validation and checkpoints not counted')
+               f'{format_duration(first_step_seconds)} for the first (compiling), then '
+               f'{tokens_per_step / results["seconds_per_step"]:,.0f} tokens/s; validation and checkpoints '
+               'not counted')
   results.update(step=max(start, steps), train_seconds=first_step_seconds + train_seconds)
   if jax.process_index() == 0:
     with open(os.path.join(run.workdir, RESULTS_FILE), 'w') as f:

@@ -7,22 +7,24 @@
 A variant is a name, a colon, and comma-separated overrides of --config; `--config.a.b=value`
 flags given to the sweep itself apply to every variant. For each variant, one after another
 (time budgets mean nothing on a shared machine):
-  1. tools/bench.py measures its train step's tokens/s on random tokens;
+  1. a 30-step run of the same command times its step (the real loop, data and all);
   2. train.num_steps is set so that training takes about --minutes at that speed;
   3. `python -m jaxgpt.train` trains it in WORKDIR/NAME (its last validation reads the whole
      held-out split).
-Then it prints, per variant: parameters, measured tokens/s, steps, the training time the run
-itself reports, and bits per byte on the held-out split. docs/performance.md shows one such sweep.
+Then it prints, per variant: parameters, step time, steps, the training time the run itself
+reports, and bits per byte on the held-out split. docs/performance.md shows one such sweep.
 """
 
 import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE_STEPS = 30  # timed to size each run; the first, compiling step is not counted
 
 
 def _run(args: list[str]) -> str:
@@ -32,21 +34,24 @@ def _run(args: list[str]) -> str:
   return result.stdout
 
 
-def measure_tokens_per_step_and_second(config_args: list[str]) -> tuple[int, float]:
-  out = _run(['tools/bench.py', *config_args, '--steps', '5', '--rounds', '2'])
-  row = next(line for line in out.splitlines() if line.startswith('config '))
-  step_ms, tokens_per_s = (float(v.replace(',', '')) for v in row.split()[1:3])
-  return round(tokens_per_s * step_ms / 1000), tokens_per_s
+def seconds_per_step(config_args: list[str], workdir: str) -> float:
+  """The variant's real step time: a short run of the same command, the same loop and data."""
+  _run(['-m', 'jaxgpt.train', *config_args, '--workdir', workdir, f'--config.train.num_steps={PROBE_STEPS}',
+        '--config.train.final_eval_whole_split=False', '--config.train.eval_batches=1',
+        '--config.sample.prompts=()'])
+  seconds = json.load(open(os.path.join(workdir, 'results.json')))['seconds_per_step']
+  shutil.rmtree(workdir)
+  return seconds
 
 
 def sweep_variant(args, name: str, config_args: list[str]) -> dict:
-  tokens_per_step, tokens_per_s = measure_tokens_per_step_and_second(config_args)
-  steps = max(1, int(args.minutes * 60 * tokens_per_s / tokens_per_step))
   workdir = os.path.join(os.path.abspath(args.workdir), name)
+  step_seconds = seconds_per_step(config_args, workdir + '-probe')
+  steps = max(PROBE_STEPS, int(args.minutes * 60 / step_seconds))
   out = _run(['-m', 'jaxgpt.train', *config_args, f'--config.train.num_steps={steps}', '--workdir', workdir])
   results = json.load(open(os.path.join(workdir, 'results.json')))
   params = re.search(r'model: ([\d.]+)M parameters', out).group(1)
-  return {'variant': name, 'params_M': float(params), 'tokens_per_s': tokens_per_s, 'steps': steps,
+  return {'variant': name, 'params_M': float(params), 'seconds_per_step': step_seconds, 'steps': steps,
           'train_seconds': results['train_seconds'], 'bits_per_byte': results['bits_per_byte']}
 
 
@@ -67,9 +72,9 @@ def main():
     config_args = ['--config', args.config, *common, *(f'--config.{o}' for o in overrides.split(',') if o)]
     rows.append(sweep_variant(args, name, config_args))
     print(json.dumps(rows[-1]), flush=True)
-  print(f'\n{"variant":<20} {"params":>8} {"tokens/s":>9} {"steps":>6} {"trained":>8} {"bits/byte":>9}')
+  print(f'\n{"variant":<20} {"params":>8} {"step ms":>8} {"steps":>6} {"trained":>8} {"bits/byte":>9}')
   for r in rows:
-    print(f'{r["variant"]:<20} {r["params_M"]:>7.2f}M {r["tokens_per_s"]:>9,.0f} {r["steps"]:>6} '
+    print(f'{r["variant"]:<20} {r["params_M"]:>7.2f}M {1000 * r["seconds_per_step"]:>8.1f} {r["steps"]:>6} '
           f'{r["train_seconds"]:>7.0f}s {r["bits_per_byte"]:>9.3f}')
 
 
