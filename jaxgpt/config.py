@@ -307,8 +307,9 @@ def validate(config: ConfigDict) -> None:
     problems.append(f"model.attention='splash' tiles the sequence by 128; seq_len={config.seq_len} is not a "
                     'multiple of 128 (use 128, 256, ... or attention=auto)')
   # Checked now, not when the samples at the end of a finished run would fail on them.
-  for name, section in (('sample', config.sample), ('eval', config.eval)):
-    if not 0 < section.max_new_tokens < m.max_len:
+  for name, section, used in (('sample', config.sample, config.sample.prompts),
+                              ('eval', config.eval, config.eval.references)):
+    if used and not 0 < section.max_new_tokens < m.max_len:
       problems.append(f'{name}.max_new_tokens={section.max_new_tokens} must be between 1 and '
                       f'{m.max_len - 1} (model.max_len={m.max_len} holds the prompt and the new tokens)')
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
