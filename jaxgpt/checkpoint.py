@@ -68,12 +68,13 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self._restore(step, meta=ocp.args.JsonRestore())['meta']
 
-  def data_process_count(self, step: int) -> int | None:
-    """How many processes wrote the step's data positions (one file each); None without any."""
+  def data_saved_by_other_process_count(self, step: int) -> int | None:
+    """The number of processes that wrote the step's data positions (one file each) when it is not
+    this run's; None when it is, or when the step has none."""
     directory = os.path.join(self.directory, str(step), 'data')
     names = os.listdir(directory) if os.path.isdir(directory) else []
     counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json$').match, names) if m}
-    return counts.pop() if len(counts) == 1 else None
+    return counts.pop() if len(counts) == 1 and jax.process_count() not in counts else None
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto the shardings in `abstract_state`, and the iterator in place.
@@ -82,7 +83,7 @@ class Checkpointer:
     unread and the iterator is not touched (the caller decides how to go on).
     """
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None and self.data_process_count(step) in (None, jax.process_count()):
+    if data_iterator is not None and not self.data_saved_by_other_process_count(step):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._restore(step, **items)['state']
 

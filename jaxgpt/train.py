@@ -100,8 +100,8 @@ def evaluate(eval_step, params, data, config, mesh, whole_split: bool = False) -
   `whole_split` reads every token of it once, for the figures a run reports.
   """
   split = data.report['validation']
-  rows_per_batch = config.batch_size * (config.seq_len + 1)
-  num_batches = max(1, split['tokens'] // rows_per_batch) if whole_split else config.train.eval_batches
+  tokens_per_batch = config.batch_size * (config.seq_len + 1)
+  num_batches = max(1, split['tokens'] // tokens_per_batch) if whole_split else config.train.eval_batches
   batches = pipeline.make_iterator(data.chunks('validation', config.seq_len + 1), seq_len=config.seq_len,
                                    shuffle=not whole_split, seed=0,
                                    local_batch_size=config.batch_size // jax.process_count())
@@ -250,8 +250,8 @@ def set_up(config, workdir: str):
   else:
     start, state = restored
     writer.log(f'resumed from step {start} in {checkpointer.directory}')
-    saved_by = checkpointer.data_process_count(start)
-    if saved_by not in (None, jax.process_count()):
+    saved_by = checkpointer.data_saved_by_other_process_count(start)
+    if saved_by:
       # Each process saved its own position in its own slice of the data; with another process
       # count the slices differ, so the positions mean nothing. A new shuffle, seeded by the step.
       train_batches = make_train_batches(config.seed + start)
