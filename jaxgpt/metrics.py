@@ -1,5 +1,6 @@
 """Throughput and MFU, and the writers that put metrics on the console, in TensorBoard and in metrics.jsonl."""
 
+import contextlib
 import json
 import os
 import time
@@ -54,6 +55,37 @@ def format_duration(seconds: float) -> str:
   if seconds >= 3600:
     return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
   return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+class TrainingClock:
+  """Wall time spent in training steps alone, interval by interval.
+
+  Validations and saves run inside `paused()` and are left out, so the
+  tokens/s, MFU and seconds per step computed from `take()` count the steps
+  and nothing else, whatever the log, eval and checkpoint intervals.
+  """
+
+  def __init__(self, clock=time.perf_counter):
+    self._clock = clock
+    self._start, self._paused, self.steps = clock(), 0.0, 0
+
+  def step(self) -> None:
+    self.steps += 1
+
+  @contextlib.contextmanager
+  def paused(self):
+    begin = self._clock()
+    try:
+      yield
+    finally:
+      self._paused += self._clock() - begin
+
+  def take(self) -> tuple[int, float]:
+    """(steps, seconds in them) since the last take; the next interval starts now."""
+    now = self._clock()
+    taken = self.steps, now - self._start - self._paused
+    self._start, self._paused, self.steps = now, 0.0, 0
+    return taken
 
 
 class MetricWriter:

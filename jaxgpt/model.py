@@ -378,13 +378,16 @@ def num_params(params) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward = 3x forward), PaLM-style.
+  """Training FLOPs per token (forward + backward = 3x forward): the one formula behind every MFU.
 
   Counts every matmul: 6 per weight in the blocks and the output projection,
-  plus attention scores and their weighted sum (12 * layers * T * D).
+  plus attention scores and their weighted sum. Causal attention computes half
+  of the T x T scores that matter, so those count at half (6 * layers * T * D,
+  not PaLM's 12 * layers * T * D), as MaxText has counted them since mid-2025:
+  figures compare with its published tables.
   """
   D, M, L, K = cfg.embed_dim, cfg.mlp_dim, cfg.num_layers, cfg.head_dim
   attention_weights = D * K * (2 * cfg.num_heads + 2 * cfg.kv_heads)  # q, out, k, v
   mlp_weights = (3 if cfg.mlp == 'swiglu' else 2) * D * M
   matmul_params = L * (attention_weights + mlp_weights) + cfg.vocab_size * D
-  return 6 * matmul_params + 12 * L * seq_len * D
+  return 6 * matmul_params + 6 * L * seq_len * D

@@ -13,10 +13,17 @@ _EMBEDDINGS = ('token_embedding', 'position_embedding')
 
 
 def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
+  """The rate of the update made at `step` (0 for the first): linear warmup to optim.lr over
+  optim.warmup_steps updates, then cosine decay to lr * min_lr_ratio at the last update.
+
+  Counted from 1 inside, so the first update moves the weights (lr / warmup_steps): a warmup
+  that starts at exactly 0 makes step 1 a no-op that still consumes a batch.
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
       decay_steps=max(num_steps, optim_cfg.warmup_steps + 1),
       end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+  return lambda step: schedule(step + 1)
 
 
 def _param_name(path) -> str:

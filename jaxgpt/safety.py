@@ -1,10 +1,15 @@
 """Profanity/toxicity checks and PII scrubbing for any text: corpora, prompts, outputs.
 
 `SafetyChecker(config).check(text)` says whether a text is profane, from two
-signals: alt-profanity-check's classifier (a linear model over words, trained on
-labelled toxic comments), run per line so one bad line in a long document is
-not averaged away, and whole-word matches against user word lists. What to do
-with a profane text (drop, flag) is the caller's decision.
+signals. The first is alt-profanity-check's classifier (a linear model over
+words, trained on labelled toxic comments), run on each distinct line: the text
+is profane when at least `flagged_line_fraction` of its distinct lines score
+`classifier_threshold` or more. One line is too little evidence in a long
+document (a single 'bastard' or 'ass' flags nearly every classic play), while a
+short text such as a one-line prompt is judged by its one line; a line repeated
+(a speaker's name in a play, a refrain) counts once. The second signal is
+whole-word matches against user word lists: any one makes a text profane. What
+to do with a profane text (drop, flag) is the caller's decision.
 
 `scrub_pii(text)` replaces e-mail addresses, phone numbers and IP addresses
 with placeholders and says how many of each it replaced.
@@ -16,39 +21,72 @@ import ipaddress
 import os
 import re
 
-from jaxgpt.config import JaxgptError
+import phonenumbers
+
+from jaxgpt.config import JaxgptError, base_config
 
 EMAIL_PLACEHOLDER, PHONE_PLACEHOLDER, IP_PLACEHOLDER = '<EMAIL>', '<PHONE>', '<IP>'
+_EXAMPLE_LINES = 3  # flagged lines kept in SafetyFlags for reports and logs
+_EXAMPLE_CHARS = 120
 
 _EMAIL = re.compile(r'\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b')
-# Phone numbers: an optional +country code, then 7 to 15 digits in groups split by
-# spaces, dots, dashes or parentheses. A run of digits with no separators is left
-# alone: in code and tables it is far more often a number than a phone.
-_PHONE = re.compile(r'(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{2,4}[ .-]\d{3,4}(?![\w.])')
-_IPV4 = re.compile(r'(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])')
-_IPV6 = re.compile(r'(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])')
+# An address ends where no word character and no '.digit' follows, so a full stop
+# after it still ends it while '1.2.3.4.5' (a version, not an address) is left alone.
+_IPV4 = re.compile(r'(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)')
+# An IPv6 address likewise ends at a hex digit not followed by ':hex', so 'at 2001:db8::1: the host' keeps its colon.
+_IPV6 = re.compile(r'(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?<=[0-9A-Fa-f])(?!\w|:[0-9A-Fa-f])')
+# Phone numbers are found by phonenumbers (Google's libphonenumber), which checks
+# each candidate against its country's numbering plan and usual digit grouping:
+# with a +country code, any country's numbers; without one, PHONE_REGION's.
+# Dates, versions, ISBNs and fictional 555 numbers are not valid numbers. Digits
+# written neither after a + nor in three or more groups ('4155552671', '1234.5678901',
+# 'x + 2784375'), or that a decimal point joins to more digits ('+35236450.6'), are
+# left alone: in code and tables they are far more often numbers.
+PHONE_REGION = 'US'
+_GROUPED_DIGITS = re.compile(r'^\+\d|\d[ \t().\-/]+\d+[ \t().\-/]+\d')
+_DECIMAL_BEFORE, _DECIMAL_AFTER = re.compile(r'\d[.,]$'), re.compile(r'[.,]\d')
+# The matcher parses every digit run it meets, which is slow on code: it is shown only runs
+# of 7 or more digits and separators on one line, with one character of context each side.
+_DIGIT_RUN = re.compile(r'\+?\d[\d \t().\-/]{5,}\d')
 
 
 @dataclasses.dataclass(frozen=True)
 class SafetyFlags:
   profane: bool = False
-  score: float = 0.0  # the classifier's highest per-line probability
+  score: float = 0.0  # the classifier's highest line probability
   words: tuple[str, ...] = ()  # blocked words found
   line: str = ''  # the line that made the text profane, for reports
+  flagged_fraction: float = 0.0  # share of the text's distinct lines at or over the classifier threshold
+  flagged_lines: tuple[str, ...] = ()  # those lines, highest score first (a few), when the text is profane
+
+  def reason(self) -> str:
+    """Why the text is profane, with the lines that decided it: for reports and logs."""
+    if self.words:
+      return f'{", ".join(self.words)}: {self.line!r}'
+    return (f'classifier flagged {self.flagged_fraction:.0%} of distinct lines: '
+            + ', '.join(map(repr, self.flagged_lines)))
 
 
 class SafetyChecker:
   """Checks texts against the classifier and blocked words in `config` (config.data.safety).
 
-  Fields read: classifier_threshold (0 turns the classifier off), blocked_words
-  (a sequence), blocked_words_file (a path, one word per line).
+  Fields read: classifier_threshold (0 turns the classifier off), flagged_line_fraction,
+  blocked_words (a sequence), blocked_words_file (a path, one word per line). A field
+  missing from `config` (a server builds it from its own flags) takes base_config's default.
   """
 
   def __init__(self, config):
-    self._threshold = float(config.classifier_threshold)
-    words = [w.strip().lower() for w in config.blocked_words if w.strip()]
-    if config.blocked_words_file:
-      path = os.path.expanduser(config.blocked_words_file)
+    defaults = base_config().data.safety
+    setting = lambda name: config.get(name, defaults[name])
+    self._threshold = float(setting('classifier_threshold'))
+    self._fraction = float(setting('flagged_line_fraction'))
+    if not 0 <= self._fraction <= 1:
+      raise JaxgptError(f'data.safety.flagged_line_fraction={self._fraction} must be in [0, 1] '
+                        '(0: any one flagged line makes a text profane).')
+    words = [w.strip().lower() for w in setting('blocked_words') if w.strip()]
+    path = setting('blocked_words_file')
+    if path:
+      path = os.path.expanduser(path)
       try:
         with open(path, encoding='utf-8') as f:
           words += [w.strip().lower() for w in f if w.strip() and not w.startswith('#')]
@@ -67,17 +105,21 @@ class SafetyChecker:
       if found:
         words = tuple(sorted({m.lower() for m in self._blocked.findall(text)}))
         line = _line_around(text, found.start())
-    score = 0.0
+    score, fraction, flagged = 0.0, 0.0, []
     if self._threshold > 0:
-      lines = [l for l in text.splitlines() if l.strip()]
+      lines = list(dict.fromkeys(l.strip() for l in text.splitlines() if l.strip()))
       if lines:
         scores = self._predict(lines)
-        best = int(scores.argmax())
-        score = float(scores[best])
-        if score >= self._threshold and not line:
-          line = lines[best]
-    profane = bool(words) or (self._threshold > 0 and score >= self._threshold)
-    return SafetyFlags(profane=profane, score=score, words=words, line=line.strip()[:120] if profane else '')
+        score = float(scores.max())
+        flagged = sorted(((s, l) for s, l in zip(scores, lines) if s >= self._threshold), reverse=True)
+        fraction = len(flagged) / len(lines)
+    by_classifier = bool(flagged) and fraction >= self._fraction
+    profane = bool(words) or by_classifier
+    if by_classifier and not line:
+      line = flagged[0][1]
+    examples = tuple(l[:_EXAMPLE_CHARS] for _, l in flagged[:_EXAMPLE_LINES]) if profane else ()
+    return SafetyFlags(profane=profane, score=score, words=words, line=line.strip()[:_EXAMPLE_CHARS] if profane else '',
+                       flagged_fraction=fraction, flagged_lines=examples)
 
 
 def _line_around(text: str, index: int) -> str:
@@ -86,15 +128,32 @@ def _line_around(text: str, index: int) -> str:
   return text[start:end if end >= 0 else len(text)]
 
 
-def _is_ip(candidate: str) -> bool:
+def _is_personal_ip(candidate: str) -> bool:
   # '1::2' is a valid IPv6 address and also a Python slice: ask for three groups of digits.
   if ':' in candidate and sum(1 for g in candidate.split(':') if g) < 3:
     return False
   try:
-    ipaddress.ip_address(candidate)
-    return True
+    address = ipaddress.ip_address(candidate)
   except ValueError:
     return False
+  # 127.0.0.1 and 0.0.0.0 name no one's machine, and code is full of them.
+  return not (address.is_loopback or address.is_unspecified)
+
+
+def _phone_spans(text: str):
+  """(start, end) of each phone number in `text`."""
+  for run in _DIGIT_RUN.finditer(text):
+    if not _GROUPED_DIGITS.search(run.group()):
+      continue
+    offset = max(0, run.start() - 1)
+    for match in phonenumbers.PhoneNumberMatcher(text[offset:run.end() + 1], PHONE_REGION,
+                                                 leniency=phonenumbers.Leniency.STRICT_GROUPING):
+      start, end, raw = offset + match.start, offset + match.end, match.raw_string
+      # The matcher takes the opening bracket of '(+33 1 ...)' or '[+33 1 ...]' into the number; the text keeps it.
+      start += raw[0] in '([' and not any(c in raw for c in ')]')
+      in_decimal = _DECIMAL_BEFORE.search(text, max(0, start - 2), start) or _DECIMAL_AFTER.match(text, end)
+      if _GROUPED_DIGITS.search(text[start:end]) and not in_decimal:
+        yield start, end
 
 
 def scrub_pii(text: str) -> tuple[str, collections.Counter]:
@@ -111,7 +170,11 @@ def scrub_pii(text: str) -> tuple[str, collections.Counter]:
 
   text = _EMAIL.sub(replace('email', EMAIL_PLACEHOLDER), text)
   # IPs before phones: '192.168.10.1' must not be read as a phone number.
-  text = _IPV4.sub(replace('ip', IP_PLACEHOLDER, _is_ip), text)
-  text = _IPV6.sub(replace('ip', IP_PLACEHOLDER, _is_ip), text)
-  text = _PHONE.sub(replace('phone', PHONE_PLACEHOLDER), text)
-  return text, counts
+  text = _IPV4.sub(replace('ip', IP_PLACEHOLDER, _is_personal_ip), text)
+  text = _IPV6.sub(replace('ip', IP_PLACEHOLDER, _is_personal_ip), text)
+  pieces, end = [], 0
+  for start, stop in _phone_spans(text):
+    pieces += [text[end:start], PHONE_PLACEHOLDER]
+    end = stop
+    counts['phone'] += 1
+  return ''.join(pieces) + text[end:], counts

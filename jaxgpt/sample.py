@@ -15,6 +15,7 @@ and yields the new tokens after each; `generate` runs it to the end.
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -26,16 +27,32 @@ from jaxgpt import state
 from jaxgpt.config import JaxgptError, run_cli
 from jaxgpt.model import GPT, init_cache
 
+SEED_LIMIT = 2**32  # seeds are uint32 on the device
+DEFAULT_MAX_NEW_TOKENS = 128  # the commands' length when the user sets none and the context has room
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How one prompt is continued."""
+  """How one prompt is continued; settings that cannot work are refused here, so no entry point passes them on."""
   max_new_tokens: int = 64
   temperature: float = 0.0  # 0 is greedy
   top_k: int = 0  # sample among the k most likely tokens; 0 = no limit
   top_p: float = 1.0  # nucleus: the smallest set of tokens holding this much probability
   seed: int = 0
   stop: tuple[str, ...] = ()  # text that ends the continuation (not included in it)
+
+  def __post_init__(self):
+    # A bad row must fail where it is made: in a batch it would fail every other row decoded with it.
+    # The comparisons are written so that NaN fails them too.
+    problems = [message for valid, message in (
+        (self.max_new_tokens >= 1, f'max_new_tokens={self.max_new_tokens} must be at least 1.'),
+        (self.temperature >= 0, f'temperature={self.temperature} must not be negative (0 is greedy).'),
+        (self.top_k >= 0, f'top_k={self.top_k} must not be negative (0 keeps every token).'),
+        (0 < self.top_p <= 1, f'top_p={self.top_p} must be in (0, 1] (1 keeps every token).'),
+        (0 <= self.seed < SEED_LIMIT, f'seed={self.seed} must be an integer from 0 to {SEED_LIMIT - 1}.'),
+    ) if not valid]
+    if problems:
+      raise JaxgptError(' '.join(problems))
 
 
 @dataclasses.dataclass
@@ -48,13 +65,44 @@ def _pow2_at_least(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _check_fits(max_new_tokens: int, max_len: int) -> None:
+  if not 0 < max_new_tokens < max_len:
+    raise JaxgptError(f'max_new_tokens={max_new_tokens} must be between 1 and {max_len - 1} '
+                      f'(the context is {max_len} tokens and the prompt needs at least one).')
+
+
+def fitting_max_new_tokens(requested: int | None, max_len: int, prompt_tokens: int) -> tuple[int, str]:
+  """Tokens to generate after a prompt of `prompt_tokens` tokens, and a note for the user ('' when none).
+
+  `requested` None (the user set no length) takes as many as fit in the
+  `max_len`-token context, up to DEFAULT_MAX_NEW_TOKENS, so the default works
+  on every run; the note says when that is fewer. A requested length must fit
+  the context (1 to max_len - 1); a prompt too long to fit beside it keeps its
+  end, as `stream` does.
+  """
+  if requested is not None:
+    _check_fits(requested, max_len)
+    return requested, ''
+  fitting = min(DEFAULT_MAX_NEW_TOKENS, max_len - prompt_tokens)
+  if fitting < 1:
+    raise JaxgptError(f'the prompt is {prompt_tokens} tokens and fills the model\'s context of {max_len}: no room is '
+                      'left to generate. Shorten the prompt, or set --max_new_tokens to keep only its end.')
+  if fitting == DEFAULT_MAX_NEW_TOKENS:
+    return fitting, ''
+  return fitting, (f'max_new_tokens={fitting}: as many as fit after the {prompt_tokens}-token prompt in the '
+                   f'model\'s context of {max_len} tokens (set --max_new_tokens to choose).')
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+  """The token ids the model continues for a text prompt: BOS, then the text."""
+  return [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
 def _start(model: GPT, prompts, samplings, stop_tokens, use_cache: bool):
   """The decode state before prefill: buffers on the host, shapes rounded up."""
   max_len = model.cfg.max_len
   for s in samplings:
-    if not 0 < s.max_new_tokens < max_len:
-      raise JaxgptError(f'max_new_tokens={s.max_new_tokens} must be between 1 and {max_len - 1} '
-                        f'(the context is {max_len} tokens and the prompt needs at least one).')
+    _check_fits(s.max_new_tokens, max_len)
   # The model sees at most max_len tokens: keep the end of a prompt that is too long.
   prompts = [list(p)[-(max_len - s.max_new_tokens):] for p, s in zip(prompts, samplings)]
   if not prompts or any(len(p) == 0 for p in prompts):
@@ -241,7 +289,7 @@ def stream_text(model: GPT, params, tokenizer, prompts: Sequence[str], sampling:
   model spells with other tokens is still found in the text, and cut there.
   """
   samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
-  prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+  prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
   stop_tokens = [[tokenizer.encode(text) for text in s.stop if text] for s in samplings]
   tokens = [[] for _ in prompts]
   emitted = [''] * len(prompts)
@@ -292,7 +340,8 @@ def _define_flags() -> None:
   # Defined only when this module runs as a command, so importing `generate` adds no flags.
   flags.DEFINE_string('workdir', None, 'The run directory written by jaxgpt.train.')
   flags.DEFINE_multi_string('prompt', ['def '], 'Prompt text; repeat the flag for several prompts.')
-  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
+  flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate per prompt (default: as many as fit in '
+                       f'the context, up to {DEFAULT_MAX_NEW_TOKENS}).')
   flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
   flags.DEFINE_integer('top_k', 40, 'Sample among the k most likely tokens; 0 for all.')
   flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of tokens holding this probability; 1 for all.')
@@ -306,12 +355,14 @@ def main(argv):
   FLAGS = flags.FLAGS
   if not FLAGS.workdir:
     raise JaxgptError('--workdir is required: the run directory written by jaxgpt.train.')
-  if not 0 < FLAGS.top_p <= 1 or FLAGS.temperature < 0 or FLAGS.top_k < 0:
-    raise JaxgptError('--top_p must be in (0, 1], --temperature and --top_k must not be negative.')
   config, tokenizer = state.load_run(FLAGS.workdir)
-  model, params, step = state.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
-  sampling = Sampling(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+  longest_prompt = max(len(encode_prompt(tokenizer, p)) for p in FLAGS.prompt)
+  max_new_tokens, note = fitting_max_new_tokens(FLAGS.max_new_tokens, config.model.max_len, longest_prompt)
+  sampling = Sampling(max_new_tokens=max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                       top_p=FLAGS.top_p, seed=FLAGS.seed, stop=tuple(FLAGS.stop))
+  if note:
+    print(note, file=sys.stderr)
+  model, params, step = state.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
   outputs = complete(model, params, tokenizer, FLAGS.prompt, sampling)
   print(f'# step {step} of {FLAGS.workdir}')
   for prompt, continuation in zip(FLAGS.prompt, outputs):

@@ -5,6 +5,10 @@ FastAPI on uvicorn, bound to 127.0.0.1 unless told otherwise:
   temperature, top_p, stop, seed, stream with server-sent events);
 - `GET /health`, and `GET /v1/models` for the model's size and context.
 
+Every field of a request is checked before it is queued (the pydantic model in
+`jaxgpt.serve_api`, then the context length here): a bad request gets its own
+400 in OpenAI's error shape and never reaches a batch of other requests.
+
 One worker thread owns the model. Requests wait in a bounded queue (full: 503)
 and are decoded together in batches of up to `max_batch` rows, each row with
 its own settings; the batch is always padded to `max_batch` rows so shapes, and
@@ -25,7 +29,6 @@ import os
 import queue
 import socket
 import threading
-import time
 import uuid
 
 import ml_collections
@@ -35,18 +38,10 @@ from jaxgpt import state
 from jaxgpt.config import JaxgptError, require_extra, run_cli
 from jaxgpt.model import num_params
 from jaxgpt.safety import SafetyChecker
-from jaxgpt.sample import Sampling, stream_text
+from jaxgpt.sample import Sampling, encode_prompt, stream_text
+from jaxgpt.serve_api import CompletionRequest, RequestError, completion_body, completion_request, invalid_request
 
 log = logging.getLogger('jaxgpt.serve')
-MAX_STOP_SEQUENCES = 4  # as OpenAI's API
-
-
-class RequestError(Exception):
-  """A request the client must fix: answered with `status` and the message."""
-
-  def __init__(self, status: int, message: str):
-    super().__init__(message)
-    self.status = status
 
 
 @dataclasses.dataclass
@@ -104,7 +99,7 @@ def _flags_json(safety_flags) -> dict:
 
 
 class Service:
-  """Request validation, safety and the response shapes, around an Engine."""
+  """The API key, the context and safety checks, and the response bodies, around an Engine."""
 
   def __init__(self, engine: Engine, checker: SafetyChecker, *, safety_mode: str, model_name: str, step: int,
                api_key: str = ''):
@@ -114,44 +109,19 @@ class Service:
 
   def authorize(self, header: str | None) -> None:
     if self.api_key and not hmac.compare_digest(header or '', f'Bearer {self.api_key}'):
-      raise RequestError(401, 'missing or wrong API key: send the header "Authorization: Bearer <key>".')
+      raise RequestError(401, 'missing or wrong API key: send the header "Authorization: Bearer <key>".',
+                         code='invalid_api_key')
 
-  def parse(self, body: bytes) -> tuple[str, Sampling, bool]:
-    """(prompt, sampling, stream) from a request body, or a RequestError naming the problem."""
-    try:
-      request = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-      raise RequestError(400, 'the request body is not valid JSON.') from None
-    if not isinstance(request, dict):
-      raise RequestError(400, 'the request body must be a JSON object.')
-
-    def field(name, kinds, default, valid=lambda v: True, rule=''):
-      value = request.get(name, default)
-      if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds) or not valid(value):
-        raise RequestError(400, f'"{name}" must be {rule}; got {json.dumps(value)}.')
-      return value
-
-    if 'prompt' not in request:
-      raise RequestError(400, '"prompt" is required: the text to continue.')
-    prompt = field('prompt', (str,), '', lambda v: v != '', 'a non-empty string')
-    max_tokens = field('max_tokens', (int,), 16, lambda v: 1 <= v < self.max_len,
-                       f'an integer from 1 to {self.max_len - 1}')
-    temperature = field('temperature', (int, float), 1.0, lambda v: 0 <= v <= 2, 'a number from 0 to 2')
-    top_p = field('top_p', (int, float), 1.0, lambda v: 0 < v <= 1, 'a number in (0, 1]')
-    seed = field('seed', (int,), 0, rule='an integer')
-    stream = field('stream', (bool,), False, rule='true or false')
-    stop = request.get('stop') or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stop, list) and len(stop) <= MAX_STOP_SEQUENCES and all(isinstance(s, str) for s in stop)):
-      raise RequestError(400, f'"stop" must be a string or a list of at most {MAX_STOP_SEQUENCES} strings.')
-    prompt_tokens = 1 + len(self.engine.tokenizer.encode(prompt))  # BOS + the text
-    if prompt_tokens + max_tokens > self.max_len:
-      raise RequestError(400, f'the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: together they '
-                              f'exceed the model\'s context of {self.max_len} tokens. Shorten the prompt or '
-                              'ask for fewer tokens.')
-    sampling = Sampling(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
-                        stop=tuple(s for s in stop if s))
-    return prompt, sampling, stream
+  def sampling(self, request: CompletionRequest) -> tuple[Sampling, int]:
+    """The request's settings and its prompt's length in tokens, once the two fit the context together."""
+    prompt_tokens = len(encode_prompt(self.engine.tokenizer, request.prompt))
+    if prompt_tokens + request.max_tokens > self.max_len:
+      raise RequestError(400, f'the prompt is {prompt_tokens} tokens and max_tokens is {request.max_tokens}: '
+                              f'together they exceed the model\'s context of {self.max_len} tokens. Shorten the '
+                              'prompt or ask for fewer tokens.', param='prompt', code='context_length_exceeded')
+    sampling = Sampling(max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                        seed=request.seed, stop=request.stop_sequences)
+    return sampling, prompt_tokens
 
   def check(self, kind: str, text: str, request_id: str):
     """The safety flags of a prompt or output; flagged ones are logged."""
@@ -163,13 +133,9 @@ class Service:
 
   def response(self, request_id: str, text: str, finish_reason, prompt_flags, output_flags=None,
                usage=None) -> dict:
-    body = {'id': request_id, 'object': 'text_completion', 'created': int(time.time()), 'model': self.model_name,
-            'choices': [{'text': text, 'index': 0, 'logprobs': None, 'finish_reason': finish_reason}],
-            'safety': {'mode': self.safety_mode, 'prompt': _flags_json(prompt_flags),
-                       'output': None if output_flags is None else _flags_json(output_flags)}}
-    if usage is not None:
-      body['usage'] = usage
-    return body
+    safety = {'mode': self.safety_mode, 'prompt': _flags_json(prompt_flags),
+              'output': None if output_flags is None else _flags_json(output_flags)}
+    return completion_body(request_id, self.model_name, text, finish_reason, safety, usage)
 
   def info(self) -> dict:
     cfg = self.engine.model.cfg
@@ -181,14 +147,32 @@ class Service:
 
 def create_app(service: Service):
   """The FastAPI app: the routes, each a thin layer over `service`."""
-  from fastapi import FastAPI, Request
+  from fastapi import Depends, FastAPI, Header
+  from fastapi.exceptions import RequestValidationError
   from fastapi.responses import JSONResponse, StreamingResponse
 
-  app = FastAPI(title='jaxgpt', docs_url=None, redoc_url=None)
+  request_model = completion_request(service.max_len)
+  # A body without a Content-Type header is read as JSON too: JSON is the only body this API takes.
+  app = FastAPI(title='jaxgpt', docs_url=None, redoc_url=None, strict_content_type=False)
 
-  def error(status: int, message: str) -> JSONResponse:
-    kind = 'server_busy' if status == 503 else 'authentication_error' if status == 401 else 'invalid_request_error'
-    return JSONResponse({'error': {'message': message, 'type': kind}}, status_code=status)
+  def error(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+  @app.exception_handler(RequestError)
+  async def refused(_, e: RequestError):
+    return error(e)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(http_request, e: RequestValidationError):
+    # FastAPI parses the JSON before it checks the key: a client without the key still learns only that.
+    try:
+      service.authorize(http_request.headers.get('authorization'))
+    except RequestError as unauthorized:
+      return error(unauthorized)
+    return error(invalid_request(request_model, e.errors(), e.body))
+
+  def authorized(authorization: str | None = Header(None)) -> None:
+    service.authorize(authorization)
 
   @app.get('/health')
   def health():
@@ -198,20 +182,16 @@ def create_app(service: Service):
   def models():
     return service.info()
 
-  @app.post('/v1/completions')
-  async def completions(request: Request):
+  @app.post('/v1/completions', dependencies=[Depends(authorized)])
+  async def completions(request: request_model):
     request_id = f'cmpl-{uuid.uuid4().hex[:24]}'
-    try:
-      service.authorize(request.headers.get('authorization'))
-      prompt, sampling, streaming = service.parse(await request.body())
-      prompt_flags = service.check('prompt', prompt, request_id)
-      if prompt_flags.profane and service.safety_mode == 'block':
-        raise RequestError(400, f'the prompt was flagged by the safety checker ({_describe(prompt_flags)}) '
-                                'and this server blocks flagged prompts.')
-      job = Job(prompt, sampling, asyncio.get_running_loop())
-      service.engine.submit(job)
-    except RequestError as e:
-      return error(e.status, str(e))
+    sampling, prompt_tokens = service.sampling(request)
+    prompt_flags = service.check('prompt', request.prompt, request_id)
+    if prompt_flags.profane and service.safety_mode == 'block':
+      raise RequestError(400, f'the prompt was flagged by the safety checker ({_describe(prompt_flags)}) '
+                              'and this server blocks flagged prompts.', param='prompt', code='content_filter')
+    job = Job(request.prompt, sampling, asyncio.get_running_loop())
+    service.engine.submit(job)
 
     async def deltas():
       while True:
@@ -222,18 +202,17 @@ def create_app(service: Service):
         if delta.finish_reason:
           return
 
-    if streaming:
+    if request.stream:
       return StreamingResponse(_sse(service, request_id, prompt_flags, deltas()), media_type='text/event-stream')
     text, finish_reason, completion_tokens = '', None, 0
     try:
       async for delta in deltas():
         text, finish_reason, completion_tokens = text + delta.text, delta.finish_reason, delta.num_tokens
     except Exception as e:
-      return error(500, f'decoding failed: {e}')
+      raise RequestError(500, f'decoding failed: {e}') from e
     output_flags = service.check('output', text, request_id)
     if output_flags.profane and service.safety_mode == 'block':
       text, finish_reason = '', 'content_filter'
-    prompt_tokens = 1 + len(service.engine.tokenizer.encode(prompt))
     usage = {'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens,
              'total_tokens': prompt_tokens + completion_tokens}
     return service.response(request_id, text, finish_reason, prompt_flags, output_flags, usage)

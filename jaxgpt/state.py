@@ -17,7 +17,7 @@ import optax
 from ml_collections import ConfigDict
 
 from jaxgpt import hf, lora, sharding
-from jaxgpt.checkpoint import SHAPE_FIELDS, Checkpointer
+from jaxgpt.checkpoint import PARAM_SHAPE_FIELDS, SHAPE_FIELDS, Checkpointer
 from jaxgpt.config import JaxgptError
 from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe
 from jaxgpt.model import GPT, ModelConfig
@@ -117,7 +117,7 @@ def load_base(config) -> BaseModel:
     base_config, tokenizer = load_run(path)
     fields = base_config.model.to_dict()
     params = load_params(base_config, tokenizer, path)[1]
-  shape = {k: fields[k] for k in SHAPE_FIELDS + (('rope_theta',) if fields['position'] == 'rope' else ())}
+  shape = {k: fields[k] for k in PARAM_SHAPE_FIELDS + (('rope_theta',) if fields['position'] == 'rope' else ())}
   diffs = [f'{k}: base {v}, config {config.model[k]}' for k, v in shape.items() if config.model[k] != v]
   if diffs:
     raise JaxgptError(f'the base model at init_from={path} has another shape than config.model ({"; ".join(diffs)}). '

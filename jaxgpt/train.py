@@ -8,10 +8,8 @@ workdir resumes from the latest checkpoint, data position included.
 
 import dataclasses
 import json
-import math
 import os
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,12 +21,12 @@ import optax
 from absl import flags
 from jax.experimental import multihost_utils
 
-from jaxgpt import hf, lora, sharding, state as state_lib
+from jaxgpt import hf, lora, run_lock, sharding, state as state_lib
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
 from jaxgpt.data import builder, pipeline
-from jaxgpt.evaluate import generation_metrics, read_references
-from jaxgpt.metrics import MetricWriter, StepMetrics, format_duration, peak_flops_per_device
+from jaxgpt.evaluation import eval_sums, generation_metrics, held_out_metrics, loss_scope, read_references
+from jaxgpt.metrics import MetricWriter, StepMetrics, TrainingClock, format_duration, peak_flops_per_device
 from jaxgpt.model import GPT, flops_per_token, loss_sums, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.preemption import StopSignals
@@ -92,35 +90,12 @@ def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_c
   return train_step
 
 
-def evaluate(eval_step, params, data, config, mesh, whole_split: bool = False) -> dict:
-  """Validation loss, perplexity and bits per byte on the held-out split.
-
-  Periodic validations read `train.eval_batches` batches drawn at random from
-  the whole split (the same ones every time, so they compare across steps);
-  `whole_split` reads every token of it once, for the figures a run reports.
-  """
-  split = data.report['validation']
-  tokens_per_batch = config.batch_size * (config.seq_len + 1)
-  num_batches = max(1, split['tokens'] // tokens_per_batch) if whole_split else config.train.eval_batches
-  batches = pipeline.make_iterator(data.chunks('validation', config.seq_len + 1), seq_len=config.seq_len,
-                                   shuffle=not whole_split, seed=0,
-                                   local_batch_size=config.batch_size // jax.process_count())
-  loss_sum, count = 0.0, 0.0
-  for _ in range(num_batches):
-    s, n = eval_step(params, sharding.global_batch(next(batches), mesh))
-    loss_sum, count = loss_sum + s, count + n
-  loss = float(loss_sum / max(float(count), 1.0))
-  # Bits per byte compares models whose tokenizers differ: nats per token, in bits, times the
-  # split's tokens per byte of text.
-  return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))),
-          'bits_per_byte': loss / math.log(2) * split['tokens'] / split['bytes'], 'tokens': int(count)}
-
-
-def _log_validation(writer, step: int, results: dict, whole_split: bool) -> None:
+def _log_validation(writer, step: int, results: dict, whole_split: bool, scope: str) -> None:
   where = 'the whole held-out split' if whole_split else 'a sample of the held-out split'
   writer.log(f'step {step}: validation loss {results["loss"]:.3f} | perplexity {results["perplexity"]:.2f} '
-             f'| {results["bits_per_byte"]:.3f} bits/byte ({results["tokens"]:,} tokens, {where})')
-  writer.scalars(step, {f'val/{k}': v for k, v in results.items() if k != 'tokens'})
+             f'| {results["bits_per_byte"]:.3f} bits/byte ({results["tokens"]:,} tokens, {results["bytes"]:,} bytes, '
+             f'{where}; {scope})')
+  writer.scalars(step, {f'val/{k}': v for k, v in results.items() if k not in ('tokens', 'bytes')})
 
 
 def _check_writable(workdir: str) -> None:
@@ -181,10 +156,11 @@ class Run:
   data: builder.PreparedData
   model: GPT
   checkpointer: Checkpointer
+  lock: run_lock.RunLock  # this workdir is ours until `train` returns
   meta: dict
   train_batches: pipeline.BatchIterator
   train_step: Callable  # (state, batch, frozen) -> (state, metrics); jitted, state donated
-  eval_step: Callable  # (params, batch) -> (loss sum, tokens)
+  eval_step: Callable  # (params, batch) -> evaluation.eval_sums
   references: list  # eval.references examples for BLEU/ROUGE at each validation
   frozen: Any = None  # LoRA: the frozen base params, an argument of every step
   merge: Callable | None = None  # LoRA: (frozen, adapters) -> params
@@ -213,6 +189,7 @@ def set_up(config, workdir: str):
   rules = sharding.logical_rules(config.mesh)
   sharding.check_divisibility(config, mesh.shape)
   _check_writable(workdir)
+  lock = run_lock.acquire(workdir)  # before anything writes to the workdir
   writer = MetricWriter(workdir)
   # Fine-tuning: the data is tokenized with the base model's own tokenizer.
   base = state_lib.load_base(config) if config.init_from else None
@@ -274,7 +251,8 @@ def set_up(config, workdir: str):
                       config.seed + 1, lora_cfg),
       in_shardings=(state_shardings, batch_sharding, None if frozen is None else param_shardings),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  eval_step = jax.jit(lambda params, batch: loss_sums(model, params, batch),
+  token_bytes = tokenizer.token_bytes()
+  eval_step = jax.jit(lambda params, batch: eval_sums(model, params, batch, token_bytes),
                       in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
   model_flops = flops_per_token(model.cfg, config.seq_len)
@@ -288,7 +266,7 @@ def set_up(config, workdir: str):
                f'({100 * trained / total:.2f}%); the base at {config.init_from} stays frozen')
   writer.log(f'optimizer state: {_num_bytes(state.opt_state) / 1e6:.2f} MB for {trained:,} trained parameters')
   run = Run(config=config, workdir=workdir, writer=writer, mesh=mesh, rules=rules, data=data, model=model,
-            checkpointer=checkpointer, meta=meta, train_batches=train_batches, train_step=train_step,
+            checkpointer=checkpointer, lock=lock, meta=meta, train_batches=train_batches, train_step=train_step,
             eval_step=eval_step, references=references, frozen=frozen, merge=merge,
             model_flops=model_flops, peak_flops=peak)
   return run, state, start
@@ -297,13 +275,20 @@ def set_up(config, workdir: str):
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
   run, state, start = set_up(config, os.path.abspath(os.path.expanduser(workdir)))
+  with run.lock:  # until the run's last file (results, samples) is written
+    return _train_from(run, state, start)
+
+
+def _train_from(run: Run, state, start: int) -> dict:
+  """The training loop from step `start`, then the final figures and samples."""
+  config = run.config
   writer, steps = run.writer, config.train.num_steps
   tokens_per_step = config.batch_size * config.seq_len
   results = {}
   step_metrics = StepMetrics(os.path.join(run.workdir, METRICS_FILE), start, config.train.on_nonfinite, writer.log)
   stopped_by = None
-  interval_start, interval_steps = time.perf_counter(), 0
-  first_step_seconds, train_seconds = 0.0, 0.0  # wall time in train steps alone, for the final summary
+  clock = TrainingClock()
+  first_step_seconds, train_seconds, timed_steps = 0.0, 0.0, 0  # in train steps alone, for the final summary
   # Leaving this block, by the end or by an error, waits for the save in flight to complete.
   with sharding.activation_rules(run.mesh, run.rules), StopSignals() as stop_signals, run.checkpointer:
     for step in range(start, steps):
@@ -311,29 +296,29 @@ def train(config, workdir: str) -> dict:
       state, metrics = run.train_step(state, batch, run.frozen)
       done = step + 1
       step_metrics.add(done, metrics)
-      interval_steps += 1
+      clock.step()
       if step == start:
         jax.block_until_ready(state)
-        first_step_seconds = time.perf_counter() - interval_start
+        first_step_seconds = clock.take()[1]
         writer.log(f'step {done}: compiled and ran the first step in {first_step_seconds:.1f}s')
-        interval_start, interval_steps = time.perf_counter(), 0
       stopping = stop_signals.should_stop(done)
-      log_now = interval_steps > 0 and (done % config.train.log_every == 0 or done == steps)
+      log_now = clock.steps > 0 and (done % config.train.log_every == 0 or done == steps)
+      validate_now = (done % config.train.eval_every == 0 or done == steps) and not stopping
       save_now = done % config.train.checkpoint_every == 0 or done == steps or stopping
-      if log_now or save_now:
-        # Where the loop waits for the device anyway; in 'stop' mode this raises before a bad step is saved.
+      if log_now or validate_now or save_now:
+        # Waits for the steps in flight, so that their time is counted as training, not as what
+        # follows; in 'stop' mode this raises before a bad step is saved.
         step_metrics.pull()
       if log_now:
-        elapsed = time.perf_counter() - interval_start
-        train_seconds += elapsed
+        interval_steps, elapsed = clock.take()
+        train_seconds, timed_steps = train_seconds + elapsed, timed_steps + interval_steps
         _log_progress(run, done, step_metrics.take(), elapsed / interval_steps)
-        interval_start, interval_steps = time.perf_counter(), 0
-      if (done % config.train.eval_every == 0 or done == steps) and not stopping:
-        results = _validate(run, state, done, whole_split=done == steps and config.train.final_eval_whole_split)
-        interval_start = time.perf_counter()
+      if validate_now:
+        with clock.paused():
+          results = _validate(run, state, done, whole_split=done == steps and config.train.final_eval_whole_split)
       if save_now:
-        run.checkpointer.save(done, state, run.train_batches, run.meta)
-        interval_start = time.perf_counter()
+        with clock.paused():
+          run.checkpointer.save(done, state, run.train_batches, run.meta)
       if stopping:
         stopped_by = stop_signals.received or 'a preemption notice'
         break
@@ -344,8 +329,8 @@ def train(config, workdir: str) -> dict:
     return {'step': done, 'stopped_by': stopped_by}
   if not results:  # resumed at the end: nothing trained, but the figures are still reported
     results = _validate(run, state, start, whole_split=config.train.final_eval_whole_split)
-  if train_seconds:
-    results['seconds_per_step'] = train_seconds / (steps - start - 1)  # after the first (compiling) one
+  if timed_steps:
+    results['seconds_per_step'] = train_seconds / timed_steps  # after the first (compiling) one
     writer.log(f'trained {steps - start} steps in {format_duration(first_step_seconds + train_seconds)}: '
                f'{format_duration(first_step_seconds)} for the first (compiling), then '
                f'{tokens_per_step / results["seconds_per_step"]:,.0f} tokens/s; validation and checkpoints '
@@ -374,11 +359,11 @@ def _log_progress(run: Run, step: int, host_metrics: list[dict], step_seconds: f
 
 def _validate(run: Run, state, step: int, whole_split: bool) -> dict:
   params = run.model_params(state)
-  results = evaluate(run.eval_step, params, run.data, run.config, run.mesh, whole_split)
+  results = held_out_metrics(run.eval_step, params, run.data, run.config, run.mesh, whole_split)
   if run.references:
     _log_generation_metrics(run.writer, step, run.model, params, run.data.tokenizer, run.references,
                             run.config.eval)
-  _log_validation(run.writer, step, results, whole_split)
+  _log_validation(run.writer, step, results, whole_split, loss_scope(run.config.data))
   return results
 
 

@@ -103,3 +103,20 @@ def trained_run(tmp_path_factory, data_cache):
   workdir = str(tmp_path_factory.mktemp('trained_run'))
   train(config, workdir)
   return workdir
+
+
+@pytest.fixture(scope='session')
+def command_runs(request, tmp_path_factory):
+  """The docs' commands (tests/test_docs.py) run in their sandboxes, continued by tests/test_end_to_end.py's steps.
+
+  Started once, in the background, two flows at a time; a test waits for the flow it reads. The
+  end-to-end steps run only when that module's tests were collected.
+  """
+  import test_docs
+  chains = {}
+  if any(item.module.__name__ == 'test_end_to_end' for item in request.session.items):
+    import test_end_to_end
+    chains = test_end_to_end.CHAINS
+  runs = test_docs.CommandRuns(str(tmp_path_factory.mktemp('commands')), chains)
+  yield runs
+  runs.close()

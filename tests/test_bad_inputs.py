@@ -76,10 +76,14 @@ def _cases(root, data_cache, trained_run):
       ('sample zero tokens', 'jaxgpt.sample', ('--workdir', trained_run, '--max_new_tokens', '0'),
        None, 'max_new_tokens=0 must be between 1 and 63'),
       ('sample with top_p above 1', 'jaxgpt.sample', ('--workdir', trained_run, '--top_p', '2'),
-       None, '--top_p must be in (0, 1]'),
+       None, 'top_p=2.0 must be in (0, 1]'),
+      ('sample with a negative seed', 'jaxgpt.sample', ('--workdir', trained_run, '--seed', '-1'),
+       None, 'seed=-1 must be an integer from 0 to 4294967295'),
       ('evaluate without a workdir', 'jaxgpt.evaluate', (), None, '--workdir is required'),
       ('evaluate with a zero batch', 'jaxgpt.evaluate', ('--workdir', trained_run, '--batch_size', '0'),
        None, '--max_docs and --batch_size must be positive'),
+      ('evaluate with a negative seed', 'jaxgpt.evaluate', ('--workdir', trained_run, '--seed', '-1'),
+       None, 'seed=-1 must be an integer from 0 to 4294967295'),
       ('convert a Hugging Face directory without weights', 'jaxgpt.convert',
        ('--workdir', str(root / 'converted'), '--import_hf', str(root / 'hf')),
        None, 'is not a Hugging Face model directory'),
@@ -109,7 +113,10 @@ def _make_inputs(root, trained_run) -> None:
 def outcomes(tmp_path_factory, data_cache, trained_run):
   root = tmp_path_factory.mktemp('bad_inputs')
   _make_inputs(root, trained_run)
-  cases = _cases(root, data_cache, trained_run)
+  # The cases run three at a time and a training run locks its workdir: each gets its own.
+  shared = str(root / 'run')
+  cases = [(name, module, tuple(str(root / 'runs' / name.replace(' ', '_')) if a == shared else a for a in args),
+            env, message) for name, module, args, env, message in _cases(root, data_cache, trained_run)]
   with ThreadPoolExecutor(max_workers=3) as pool:
     results = pool.map(lambda c: run_module(c[1], *c[2], env=c[3]), cases)
     return {case[0]: (case, result) for case, result in zip(cases, results)}

@@ -1,7 +1,18 @@
 """The per-document cleaning steps and quality measures, on small exact examples."""
 
+import os
+import random
+import subprocess
+import sys
+import sysconfig
+
+from conftest import REPO
 from jaxgpt.config import base_config
-from jaxgpt.data import clean
+from jaxgpt.data import clean, sources
+from jaxgpt.data.dedup import Deduplicator
+from tools.near_dup_recall import edit_words
+
+STDLIB = sysconfig.get_paths()['stdlib']
 
 
 def _clean_config(**fields):
@@ -50,3 +61,94 @@ def test_quality_filters_report_the_first_failure_with_its_measure():
 def test_exact_key_ignores_whitespace_and_case_only():
   assert clean.exact_key('Hello  World\n') == clean.exact_key('hello world')
   assert clean.exact_key('hello world') != clean.exact_key('hello, world')
+
+
+# Profanity and PII through the cleaner: jaxgpt/safety.py decides (tests/test_safety.py), the cleaner reports.
+
+def _cleaned(text, **safety_fields):
+  data_cfg = base_config().data
+  for name, value in safety_fields.items():
+    data_cfg.safety[name] = value
+  record = sources.Record(key='doc', where='doc.txt', size=len(text.encode()), payload=text.encode())
+  return clean.Cleaner(data_cfg)(record)
+
+
+def test_profanity_is_decided_per_document_and_reported_with_the_lines_that_decided_it():
+  path = os.path.join(os.path.dirname(__file__), 'data', 'profanity', 'literature',
+                      'much_ado_about_nothing_act_iv_scene_ii.txt')
+  with open(path, encoding='utf-8') as f:
+    scene = f.read()
+  kept = _cleaned(scene, profanity='drop')  # 'Away! you are an ass; you are an ass.': 5% of its distinct lines
+  assert kept.text == scene and not kept.dropped and kept.flags == []
+  abusive = ('We met at the station at nine.\nYou are a fucking idiot.\nThe train was late again.\n'
+             'Shut the fuck up, you worthless piece of shit.\n')
+  reason = ("classifier flagged 50% of distinct lines: 'You are a fucking idiot.', "
+            "'Shut the fuck up, you worthless piece of shit.'")
+  flagged = _cleaned(abusive, profanity='flag')
+  assert flagged.text == abusive and flagged.flags == [('profanity', reason)]
+  dropped = _cleaned(abusive, profanity='drop')
+  assert dropped.text is None and (dropped.dropped, dropped.detail) == ('profanity', reason)
+
+
+def test_pii_is_scrubbed_before_sentence_punctuation():
+  outcome = _cleaned('Logged in from 203.0.113.7. Call +1 415-555-2671. Or mail jo@example.org.\n', scrub_pii=True)
+  assert outcome.text == 'Logged in from <IP>. Call <PHONE>. Or mail <EMAIL>.\n'
+  assert outcome.changes == [('PII scrubbed: email', '1 replaced'), ('PII scrubbed: ip', '1 replaced'),
+                             ('PII scrubbed: phone', '1 replaced')]
+
+
+def _words(name, start=0, count=None):
+  with open(os.path.join(STDLIB, name), encoding='utf-8') as f:
+    words = f.read().split()
+  return ' '.join(words[start:start + count if count else None])
+
+
+def _outcome(where, text, clean_cfg):
+  """What the Cleaner hands deduplication for a kept document named `where`."""
+  record = sources.Record(where, where, len(text), b'')
+  return clean.Outcome(record, text=text, exact_key=clean.exact_key(text),
+                       signature=clean.minhash(text, clean_cfg.shingle_size, clean_cfg.num_perm))
+
+
+def test_the_first_document_seen_is_the_original_even_when_its_name_sorts_later():
+  cfg = _clean_config(shingle_size=2, near_dedup_threshold=0.5)
+  p, q, r = (_words('argparse.py', 600 * i, 600) for i in range(3))
+  # Line 9 is read before line 10 but sorts after it. They share a third of their shingles: both are kept.
+  first, second = _outcome('corpus.jsonl:9', f'{p} {q}', cfg), _outcome('corpus.jsonl:10', f'{q} {r}', cfg)
+  dedup = Deduplicator(cfg)
+  assert dedup.duplicate_of(first) is None and dedup.duplicate_of(second) is None
+  both = _outcome('corpus.jsonl:11', f'{p} {q} {r}', cfg)  # two thirds of it is each of them
+  assert len(dedup._lsh.query(both.signature)) == 2  # so naming the smallest name would name line 10
+  assert dedup.duplicate_of(both) == ('near duplicate', 'corpus.jsonl:9')
+  # Only kept documents are originals: a copy of a dropped document is named after what it copies.
+  assert dedup.duplicate_of(_outcome('corpus.jsonl:12', f'{p} {q} {r}', cfg)) == ('near duplicate', 'corpus.jsonl:9')
+  assert dedup.duplicate_of(_outcome('corpus.jsonl:13', f'{q}  {r}\n', cfg)) == ('exact duplicate', 'corpus.jsonl:10')
+
+
+def test_default_near_dedup_catches_3_percent_edits_of_a_long_document_and_not_distinct_ones():
+  cfg = base_config().data.clean
+  # Distinct documents by the same authors: two sections of one module, and two modules of one package.
+  originals = {'argparse.py#1': _words('argparse.py', 0, 1500),
+               'argparse.py#2': _words('argparse.py', 1500, 1500),
+               'email/message.py': _words('email/message.py', 0, 2000),
+               'email/feedparser.py': _words('email/feedparser.py')}
+  dedup = Deduplicator(cfg)
+  for where, text in originals.items():
+    assert len(text.split()) >= 1000
+    assert dedup.duplicate_of(_outcome(where, text, cfg)) is None, where
+  rng = random.Random(0)
+  vocabulary = ' '.join(originals.values()).split()
+  for where, text in originals.items():
+    for copy in range(3):
+      edited = edit_words(text, 0.03, vocabulary, rng)  # substitutions, insertions and deletions at random
+      assert dedup.duplicate_of(_outcome(f'{where} copy {copy}', edited, cfg)) == ('near duplicate', where)
+
+
+def test_near_dup_recall_tool_measures_a_tiny_grid():
+  result = subprocess.run(
+      [sys.executable, 'tools/near_dup_recall.py', '--genres', 'code', '--docs', '12', '--copies', '1',
+       '--shingle_sizes', '2', '--thresholds', '0.7', '--rates', '0.03'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = [line for line in result.stdout.splitlines() if line.startswith('| 2 | 128 | 0.7 |')]
+  assert row.split(' | ')[3] == '100%'  # every copy with 3% of its words edited is found

@@ -1,83 +1,12 @@
 """The real command lines, end to end, in subprocesses."""
 
-import json
-import os
-
 import pytest
 
-from conftest import TINY_OVERRIDES, override_args, run_module
+from conftest import run_module
 
-
-def _train(workdir, data_cache, *extra, env=None):
-  return run_module('jaxgpt.train', '--config', 'configs/quickstart.py', '--workdir', str(workdir),
-                    *override_args(TINY_OVERRIDES), f'--config.data.cache_dir={data_cache}', *extra, env=env)
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A 10-step run, then the same command resumed to 20 steps."""
-  root = tmp_path_factory.mktemp('cli')
-  workdir, cache = root / 'run', root / 'cache'
-  xla_cache = f'--config.train.compilation_cache_dir={root / "xla"}'
-  first = _train(workdir, cache, '--config.train.num_steps=10', xla_cache)
-  assert first.returncode == 0, first.stderr[-3000:]
-  second = _train(workdir, cache, xla_cache)
-  assert second.returncode == 0, second.stderr[-3000:]
-  return workdir, cache, first, second
-
-
-def test_train_runs_end_to_end_and_reports_validation(trained):
-  workdir, _, first, _ = trained
-  out = first.stdout
-  assert 'data: trained a 512-piece BPE tokenizer' in out
-  assert 'step 10/10 | loss' in out and 'tok/s | MFU' in out
-  assert 'step 10: validation loss' in out and 'perplexity' in out
-  assert '--- sample, prompt' in out
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
-  assert os.listdir(workdir / 'tensorboard')
-  results = json.loads((workdir / 'results.json').read_text())
-  assert results['step'] == 20 and 2.0 < results['loss'] < 7.0  # below log(512)=6.24 at random
-  assert 0.5 < results['bits_per_byte'] < 5.0 and 'bits/byte' in out
-
-
-def test_compiled_train_step_is_cached_for_the_restart(trained):
-  workdir = trained[0]
-  assert any(name.startswith('jit_train_step') for name in os.listdir(workdir.parent / 'xla'))
-
-
-def test_second_run_resumes_from_the_checkpoint(trained):
-  _, _, _, second = trained
-  out = second.stdout
-  assert 'data: reusing' in out
-  assert 'resumed from step 10' in out
-  assert 'step 11: compiled' in out and 'step 20/20 | loss' in out
-  assert 'step 5/' not in out
-
-
-def test_sample_command_continues_a_prompt(trained):
-  workdir, _, _, _ = trained
-  result = run_module('jaxgpt.sample', '--workdir', str(workdir), '--prompt', 'def main(',
-                      '--prompt', 'import', '--max_new_tokens', '12', '--temperature', '0')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert '# step 20 of' in result.stdout
-  first, second = result.stdout.split("--- prompt: 'def main('\n", 1)[1].split("--- prompt: 'import'\n")
-  assert first.startswith('def main(') and len(first.rstrip('\n')) >= len('def main(')
-  assert len(first) > len('def main(\n') and second.startswith('import')
-
-
-def test_resuming_with_another_model_shape_is_refused(trained):
-  workdir, cache, _, _ = trained
-  result = _train(workdir, cache, '--config.model.num_layers=3', '--config.train.num_steps=30')
-  assert result.returncode == 2
-  assert 'different model shape (num_layers: checkpoint 2, config 3)' in result.stderr
-  assert 'Traceback' not in result.stderr
-
-
-def test_resuming_with_another_tokenizer_is_refused(trained):
-  workdir, cache, _, _ = trained
-  result = _train(workdir, cache, '--config.data.vocab_size=600', '--config.train.num_steps=30')
-  assert result.returncode == 2
-  assert 'different tokenizer' in result.stderr and 'Traceback' not in result.stderr
+# The train -> resume -> sample flow runs as README.md shows it, in tests/test_docs.py (its checks
+# moved there and to tests/test_end_to_end.py); a resume with another model shape is refused in
+# tests/test_bad_inputs.py.
 
 
 @pytest.mark.parametrize('args,message', [

@@ -66,6 +66,10 @@ def test_plan_shards_memory_by_the_mesh():
   assert one['params'] == split['params']
   assert abs(one['param_bytes'] - one['params'] * 4 / 8) / one['param_bytes'] < 0.01  # FSDP over 8
   assert abs(split['param_bytes'] - one['param_bytes']) / one['param_bytes'] < 0.01  # 4 x 2 is also 8
+  config.mesh.update(data=8, fsdp=1, tensor=1)
+  # Data parallelism replicates every parameter: a plan that divided by the device count whatever the mesh
+  # would pass both checks above.
+  assert plan.plan(config, 8)['param_bytes'] == one['params'] * 4
   acts = one['activation_bytes']
   assert acts['none'] > acts['dots'] > acts['full'] > 0
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import apply_overrides, override_args, run_module
+from conftest import apply_overrides
 from hf_models import save_gpt2
 from jaxgpt import state
 from jaxgpt.config import JaxgptError, base_config
@@ -43,6 +43,8 @@ def test_alpaca_and_chat_records_render_with_marked_responses(tmp_path):
   [(ids, mask)] = instructions.encode(tokenizer, [text])
   trained = tokenizer.decode(ids[mask == 1])
   assert trained == 'hello<|end|>\nciao<|end|>\n<|endoftext|>'
+  # Bits per byte of instruction data: the trained tokens stand for the responses' bytes, and only those.
+  assert tokenizer.token_bytes()[ids[mask == 1]].sum() == len('hello<|end|>\nciao<|end|>\n'.encode())
   assert tokenizer.decode(ids[mask == 0]).endswith('<|user|>\nbye\n<|assistant|>\n')
   assert instructions.render({'messages': [{'role': 'user', 'content': 'hi'}]}, _data_cfg('chat')) == (
       None, 'no assistant message')
@@ -127,34 +129,5 @@ def test_init_from_refuses_another_shape_or_tokenizer(tmp_path):
     state.load_base(config)
 
 
-def test_finetune_gpt2_and_export_with_the_three_commands(tmp_path, data_cache):
-  """docs/finetuning.md's flow: import (here: init_from the HF directory), train, export, load in transformers."""
-  import torch
-  hf_dir, run, out = str(tmp_path / 'hf'), str(tmp_path / 'run'), str(tmp_path / 'out')
-  save_gpt2(hf_dir)
-  with open(tmp_path / 'text.jsonl', 'w') as f:
-    f.writelines(json.dumps({'text': f'the quick brown fox number {i} jumps over the lazy dog'}) + '\n'
-                 for i in range(60))
-  overrides = {'model.num_layers': 2, 'model.num_heads': 2, 'model.embed_dim': 32, 'model.mlp_dim': 128,
-               'model.max_len': 64, 'seq_len': 32, 'batch_size': 4, 'init_from': hf_dir,
-               'data.path': str(tmp_path / 'text.jsonl'), 'data.cache_dir': data_cache, 'data.num_workers': 1,
-               'optim.warmup_steps': 1, 'train.num_steps': 3, 'train.eval_every': 3, 'train.eval_batches': 1,
-               'train.checkpoint_every': 3, 'train.log_every': 1, 'train.peak_flops_per_device': 1e11,
-               'sample.max_new_tokens': 4}
-  result = run_module('jaxgpt.train', '--config', 'configs/finetune_gpt2.py', '--workdir', run,
-                      *override_args(overrides))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f'initialised from {hf_dir}' in result.stdout and 'step 3/3' in result.stdout
-  result = run_module('jaxgpt.convert', f'--workdir={run}', f'--export_hf={out}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  import transformers
-  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-  config, tokenizer = state.load_run(run)
-  model, params, step = state.load_params(config, tokenizer, run)
-  ids = [tokenizer.encode('the lazy dog jumps')]
-  with torch.no_grad():
-    theirs = exported(torch.tensor(ids)).logits.numpy()
-  np.testing.assert_allclose(theirs, np.asarray(model.apply({'params': params}, jnp.array(ids))), atol=1e-4)
-  result = run_module('jaxgpt.train', '--config', 'configs/finetune_gpt2.py', '--workdir', str(tmp_path / 'bad'),
-                      *override_args({**overrides, 'model.embed_dim': 64}))
-  assert result.returncode == 2 and 'embed_dim: base 32, config 64' in result.stderr
+# docs/finetuning.md's commands (import, fine-tune, export, then load in transformers with the same logits)
+# run as written in tests/test_docs.py and tests/test_end_to_end.py.

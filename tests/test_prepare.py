@@ -1,5 +1,6 @@
 """Data preparation end to end on planted corpora: exact report counts, nothing clean lost, determinism."""
 
+import glob
 import itertools
 import json
 import os
@@ -168,6 +169,45 @@ def test_repairing_bad_utf8_keeps_the_document_and_counts_it(tmp_path):
   assert data.report['changed']['invalid UTF-8 repaired']['examples'] == [
       f'{path}:1 (invalid continuation byte at byte 13)']
   assert 'caf\ufffd au lait' in _clean_texts(data.directory)
+
+
+def _validation_texts(directory):
+  with open(os.path.join(directory, 'clean-validation.jsonl'), encoding='utf-8') as f:
+    return {json.loads(line)['text'] for line in f}
+
+
+def test_inserting_a_jsonl_line_moves_no_other_document_between_splits(tmp_path):
+  names = sorted(os.path.relpath(p, STDLIB) for p in glob.glob(os.path.join(STDLIB, '*.py'))
+                 if os.path.getsize(p) > DOC_CHARS)[:40]
+  docs = [_read(name) for name in names]
+  added = _read('json/decoder.py')
+  # With line-number keys, every document's key would change and documents would change split.
+  by_line = lambda texts, first: {t for n, t in enumerate(texts, first) if sources.in_validation(str(n), 0.25)}
+  assert by_line(docs, 1) != by_line(docs, 2)
+  held_out = []
+  for name, texts in (('before', docs), ('after', [added, *docs])):
+    path = tmp_path / f'{name}.jsonl'
+    path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+    cfg = _data_config(path, tmp_path / 'cache', source='jsonl', val_fraction=0.25)
+    data = builder.prepare(cfg, log=lambda m: None)
+    assert data.report['dropped'] == {}
+    held_out.append(_validation_texts(data.directory))
+  before, after = held_out
+  assert 3 < len(before) < 20
+  assert after - {added} == before
+
+
+def test_jsonl_records_are_keyed_by_their_id_or_else_their_content():
+  key = sources.jsonl_key
+  # An id keeps a record in its split whatever its text, field order or line.
+  assert key(b'{"id": "doc-7", "text": "one"}\n', 'id') == key(b' {"text": "two", "id": "doc-7"}', 'id')
+  assert key(b'{"id": 7, "text": "one"}', 'id') != key(b'{"id": "7", "text": "one"}', 'id')
+  # Without one (or with id_field=''), the line's content is the key: identical lines, identical keys.
+  assert key(b'{"text": "one"}\n', 'id') == key(b'{"text": "one"}\r\n', 'id') != key(b'{"text": "two"}\n', 'id')
+  assert key(b'{"id": "doc-7", "text": "one"}', '') == key(b'{"id": "doc-7", "text": "one"}\n', 'id_missing')
+  for no_id in (b'[1]', b'""', b'true'):  # not a non-empty string or an integer
+    assert key(b'{"id": %s, "text": "one"}' % no_id, 'id').startswith('sha256:')
+  assert key(b'{"id": "x", not json', 'id').startswith('sha256:')
 
 
 def test_instruction_records_become_one_formatted_document():

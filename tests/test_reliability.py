@@ -2,25 +2,33 @@
 
 A run killed with SIGKILL at random steps (once in the middle of a checkpoint
 write) and resumed each time must produce exactly the losses and parameters of
-a run never interrupted; SIGTERM and SIGINT must save at the current step and
-exit 0; a damaged newest checkpoint must be moved aside for the one before it.
+a run never interrupted, and a second run on a workdir in use must be refused;
+SIGTERM and SIGINT must save at the current step and exit 0; a damaged newest
+checkpoint must be moved aside for the one before it, while a storage error that
+passes (injected) must neither move nor skip it.
 """
 
+import errno
 import glob
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
 from conftest import REPO, TINY_OVERRIDES, override_args
-from jaxgpt import sharding, state as state_lib
+from jaxgpt import checkpoint, run_lock, sharding, state as state_lib
+from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError
 from jaxgpt.data import builder, pipeline
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
@@ -121,7 +129,9 @@ def test_killed_runs_resume_bitwise_identically(paths, reference):
     else:
       _wait_until(lambda: (_records(workdir) or [{'step': 0}])[-1]['step'] >= kill_at, proc, f'step {kill_at}')
     committed = sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
-    proc.send_signal(signal.SIGKILL)
+    if kill_at == plan[0]:
+      _assert_second_run_refused(workdir, data_cache, compile_cache, proc)
+    proc.send_signal(signal.SIGKILL)  # the next start must not find the dead run's lock in its way
     out = _finish(proc)
     assert proc.returncode == -signal.SIGKILL, out[-2000:]
     # Old checkpoints are deleted only after a newer one is complete: one is always there.
@@ -134,6 +144,22 @@ def test_killed_runs_resume_bitwise_identically(paths, reference):
   # keep_checkpoints=1 plus keep_every=9
   assert sorted(os.listdir(checkpoints), key=int) == ['9', '18', '27', '30']
   _assert_same_run(workdir, reference)
+
+
+def _assert_second_run_refused(workdir, data_cache, compile_cache, first):
+  """The same command again, while `first` (paused, so that it cannot end meanwhile) holds the workdir."""
+  first.send_signal(signal.SIGSTOP)
+  checkpoints = workdir / 'checkpoints'
+  saves = lambda: {name: os.path.getmtime(checkpoints / name) for name in os.listdir(checkpoints)}
+  before = saves()
+  second = subprocess.run(_command(workdir, data_cache, compile_cache), cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+  assert second.returncode == 2, second.stdout + second.stderr
+  assert (f'error: --workdir {workdir} is in use by another training run (process {first.pid} on host '
+          f'{socket.gethostname()}, started ') in second.stderr
+  assert 'Traceback' not in second.stderr
+  assert saves() == before  # refused before it touched anything, such as the first run's unfinished saves
+  assert first.poll() is None
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
@@ -190,6 +216,131 @@ def test_a_run_with_no_readable_checkpoint_stops_and_moves_nothing(paths, refere
   assert f'error: no checkpoint in {workdir}/checkpoints can be read (step 30: ' in out
   assert 'step 9: ' in out and 'Traceback' not in out
   assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['9', '18', '27', '30']
+
+
+def _copy_run(reference, workdir):
+  subprocess.run(['cp', '-r', str(reference), str(workdir)], check=True)
+  return workdir
+
+
+def _restore_latest(workdir, log=print, **model_overrides):
+  """(step, state) as a resumed run restores them (its data position aside), with `model_overrides` in its config."""
+  config, tokenizer = state_lib.load_run(str(workdir))
+  config.model.update(model_overrides)
+  model = state_lib.build_model(config, tokenizer.vocab_size)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  abstract = state_lib.abstract_state(model, make_optimizer(config.optim, config.train.num_steps), config.seq_len, mesh)
+  with Checkpointer(str(workdir)) as checkpointer:
+    return checkpointer.restore_latest(abstract, None, state_lib.checkpoint_meta(config, tokenizer), log)
+
+
+def _fail_reads(monkeypatch, item: str, times: int) -> list:
+  """Makes the first `times` reads of a step's `item` fail as storage does while it is down; returns the reads.
+
+  'meta' or 'metrics': a JSON file read by Python, which raises OSError(EIO). 'state': a TensorStore array read,
+  which raises ValueError with its status code and errno (in the form TensorStore 0.1.86 gave for a real EIO),
+  and which Orbax wraps in a plain Exception.
+  """
+  reads = []
+
+  def storage_error(path):
+    if item != 'state':
+      return OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+    return ValueError(f'UNKNOWN: Error reading "params/0" in OCDBT database at local file "{path}/": Error reading '
+                      f'from open file {path}/d/0: Failed to read from file: Failed to read 2291 bytes from file at '
+                      "offset 0: Input/output error [os_error_code='5']")
+
+  if item != 'state':
+    real = ocp.JsonCheckpointHandler.restore
+
+    def flaky_restore(handler, directory, *args, **kwargs):
+      if directory.name == item:  # Orbax reads each step's `metrics` item with it too
+        reads.append(directory / 'metadata')
+        if len(reads) <= times:
+          raise storage_error(reads[-1])
+      return real(handler, directory, *args, **kwargs)
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, 'restore', flaky_restore)
+  else:
+    real = orbax_serialization._read_shard
+
+    async def flaky_read(*args, **kwargs):
+      reads.append('state')
+      if len(reads) <= times:
+        raise storage_error(reads[-1])
+      return await real(*args, **kwargs)
+    monkeypatch.setattr(orbax_serialization, '_read_shard', flaky_read)
+  monkeypatch.setattr(checkpoint, 'RETRY_PAUSES_SECONDS', (0.01, 0.02, 0.04))
+  return reads
+
+
+@pytest.mark.parametrize('item', ['meta', 'state'])
+def test_a_storage_error_that_passes_resumes_from_the_newest_step(paths, reference, monkeypatch, item):
+  workdir = _copy_run(reference, paths[0] / f'flaky-{item}')
+  reads = _fail_reads(monkeypatch, item, times=2)
+  logged = []
+  step, _ = _restore_latest(workdir, logged.append)
+  assert step == NUM_STEPS and len(reads) > 2
+  assert logged[0].startswith('warning: reading checkpoint step 30 failed (') and 'Input/output error' in logged[0]
+  assert logged[0].endswith('; trying again in 0.01s.')
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['9', '18', '27', '30']
+
+
+@pytest.mark.parametrize('item', ['meta', 'state'])
+def test_a_storage_error_that_lasts_stops_the_run_and_moves_nothing(paths, reference, monkeypatch, item):
+  workdir = _copy_run(reference, paths[0] / f'down-{item}')
+  _fail_reads(monkeypatch, item, times=10 ** 6)
+  logged = []
+  with pytest.raises(JaxgptError) as error:
+    _restore_latest(workdir, logged.append)
+  message = str(error.value)
+  assert message.startswith(f'checkpoint step 30 in {workdir}/checkpoints could not be read: the storage failed (')
+  assert 'Input/output error' in message and '; 4 tries over 0.07s)' in message
+  assert message.endswith('nothing was moved or skipped. Run the same command again when the storage is back.')
+  assert len(logged) == 3 and all('reading checkpoint step 30 failed' in m for m in logged)  # never read step 27
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['9', '18', '27', '30']
+
+
+def test_a_storage_error_listing_the_checkpoints_is_one_clear_error(paths, reference, monkeypatch):
+  workdir = _copy_run(reference, paths[0] / 'down-listing')
+  _fail_reads(monkeypatch, 'metrics', times=1)  # read for every step as the checkpoints are listed
+  with pytest.raises(JaxgptError, match=re.escape(f'the checkpoints in {workdir}/checkpoints could not be read: the '
+                                                  'storage failed (OSError: [Errno 5] Input/output error')):
+    Checkpointer(str(workdir))
+
+
+@pytest.mark.parametrize('damage, error', [('delete the state item', 'KeyError: \'Item "state" was not found'),
+                                           ('write invalid JSON metadata', 'JSONDecodeError: ')])
+def test_damage_that_is_not_an_io_error_is_moved_aside(paths, reference, damage, error):
+  workdir = _copy_run(reference, paths[0] / damage.replace(' ', '-'))
+  if damage == 'delete the state item':
+    subprocess.run(['rm', '-r', str(workdir / 'checkpoints' / '30' / 'state')], check=True)
+  else:
+    (workdir / 'checkpoints' / '30' / 'meta' / 'metadata').write_text('{"model_shape": {"num_la')
+  logged = []
+  step, _ = _restore_latest(workdir, logged.append)
+  assert step == 27
+  assert len(logged) == 1 and logged[0].startswith(f'warning: checkpoint step 30 is damaged ({error}')
+  assert any(name.startswith('30.damaged-') for name in os.listdir(workdir / 'checkpoints'))
+
+
+def test_resuming_with_scan_layers_changed_names_it(paths, reference):
+  workdir = _copy_run(reference, paths[0] / 'scan_layers')
+  with pytest.raises(JaxgptError, match=r'has a different model shape \(scan_layers: checkpoint True, config False\)'):
+    _restore_latest(workdir, scan_layers=False)
+  # Checkpoints written before scan_layers was recorded were scanned (the default): they resume.
+  meta_file = workdir / 'checkpoints' / '30' / 'meta' / 'metadata'
+  meta = json.loads(meta_file.read_text())
+  del meta['model_shape']['scan_layers']
+  meta_file.write_text(json.dumps(meta))
+  assert _restore_latest(workdir)[0] == NUM_STEPS
+  with pytest.raises(JaxgptError, match=r'\(scan_layers: checkpoint True, config False\)'):
+    _restore_latest(workdir, scan_layers=False)
+
+
+def test_reading_a_run_in_training_takes_no_lock(reference):
+  with run_lock.acquire(str(reference)):  # as a training run holds it
+    step, _ = _final_params(reference)  # what sample, evaluate and serve load
+  assert step == NUM_STEPS
 
 
 def _nonfinite_config(tiny_config, on_nonfinite):

@@ -12,7 +12,7 @@ import pytest
 from conftest import LLAMA_OPTIONS, REPO, architecture_variants, run_module
 from jaxgpt.config import JaxgptError
 from jaxgpt.model import GPT, ModelConfig, init_cache
-from jaxgpt.sample import Sampling, generate, sample_tokens, stream
+from jaxgpt.sample import DEFAULT_MAX_NEW_TOKENS, Sampling, fitting_max_new_tokens, generate, sample_tokens, stream
 
 CFG = ModelConfig(vocab_size=97, max_len=48, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
 VARIANTS = {
@@ -127,13 +127,56 @@ def test_top_k_and_top_p_limit_the_candidates():
 
 @pytest.mark.parametrize('sampling,prompts,message', [
     (Sampling(max_new_tokens=48), PROMPTS, 'max_new_tokens=48 must be between 1 and 47'),
-    (Sampling(max_new_tokens=0), PROMPTS, 'max_new_tokens=0 must be between 1 and 47'),
     (Sampling(max_new_tokens=4), [[1], []], 'a prompt is empty'),
 ])
 def test_bad_requests_are_one_clear_error(sampling, prompts, message):
   model, params = _init()
   with pytest.raises(JaxgptError, match=message):
     generate(model, params, prompts, sampling, eos_id=EOS)
+
+
+@pytest.mark.parametrize('settings,message', [
+    ({'seed': 2**32}, 'seed=4294967296 must be an integer from 0 to 4294967295'),
+    ({'seed': -1}, 'seed=-1 must be an integer from 0 to 4294967295'),
+    ({'temperature': -0.5}, 'temperature=-0.5 must not be negative'),
+    ({'temperature': float('nan')}, 'temperature=nan must not be negative'),
+    ({'top_p': 0.0}, r'top_p=0.0 must be in \(0, 1\]'),
+    ({'top_p': 1.5}, r'top_p=1.5 must be in \(0, 1\]'),
+    ({'top_k': -1}, 'top_k=-1 must not be negative'),
+    ({'max_new_tokens': 0}, 'max_new_tokens=0 must be at least 1'),
+])
+def test_settings_that_cannot_decode_are_refused_when_made(settings, message):
+  # Refused before any batch: in `generate` a uint32 seed out of range would fail every row decoded with it.
+  with pytest.raises(JaxgptError, match=message):
+    Sampling(**settings)
+
+
+def test_the_edges_of_the_valid_settings_are_accepted():
+  model, params = _init()
+  edges = [Sampling(max_new_tokens=1, seed=2**32 - 1, temperature=1.0, top_p=1.0),
+           Sampling(max_new_tokens=2, seed=0, temperature=0.0, top_k=0, top_p=1e-6)]
+  assert [len(c.tokens) for c in generate(model, params, PROMPTS[:2], edges, eos_id=-1)] == [1, 2]
+
+
+def test_the_default_length_fits_the_context_and_an_explicit_one_must():
+  assert fitting_max_new_tokens(None, 1024, 10) == (DEFAULT_MAX_NEW_TOKENS, '')
+  fitting, note = fitting_max_new_tokens(None, 64, 10)
+  assert fitting == 54 and 'max_new_tokens=54' in note and '--max_new_tokens' in note
+  assert fitting_max_new_tokens(None, 128, 1)[0] == 127
+  assert fitting_max_new_tokens(200, 1024, 900) == (200, '')  # the prompt keeps its end, as asked
+  with pytest.raises(JaxgptError, match='max_new_tokens=128 must be between 1 and 127'):
+    fitting_max_new_tokens(128, 128, 4)
+  with pytest.raises(JaxgptError, match='the prompt is 64 tokens and fills the model.s context of 64'):
+    fitting_max_new_tokens(None, 64, 64)
+
+
+def test_the_readme_sample_command_works_on_a_small_run(trained_run):
+  # README, right after the quickstart: no --max_new_tokens, on a run whose context (64) is below the default.
+  result = run_module('jaxgpt.sample', '--workdir', trained_run, '--prompt', 'def fibonacci(', '--temperature', '0.5')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith('# step 10 of') and 'def fibonacci(' in result.stdout
+  notes = [line for line in result.stderr.splitlines() if line.startswith('max_new_tokens=')]
+  assert len(notes) == 1 and "model's context of 64 tokens" in notes[0], result.stderr[-2000:]
 
 
 def test_a_long_prompt_keeps_its_end():

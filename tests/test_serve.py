@@ -1,5 +1,6 @@
 """The HTTP server, started for real on a loopback port and called with a real HTTP client."""
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 from conftest import REPO
 from jaxgpt import state
 from jaxgpt.sample import Sampling, complete
+from jaxgpt.serve import Engine, Job
 
 FLAGGED_PROMPT = 'def zorblax('  # 'zorblax' is on the servers' blocked word list
 OUTPUT_PROMPT = 'def '  # the servers also block a word the model writes after this (see flagged_word)
@@ -55,10 +57,17 @@ def _stop(process):
 
 
 @pytest.fixture(scope='module')
-def flagged_word(trained_run):
-  """A word that the model writes after OUTPUT_PROMPT (temperature 1, seed 3), found by running it here."""
+def loaded_run(trained_run):
+  """(model, params, tokenizer) of the trained run, in this process."""
   config, tokenizer = state.load_run(trained_run)
   model, params, _ = state.load_params(config, tokenizer, trained_run)
+  return model, params, tokenizer
+
+
+@pytest.fixture(scope='module')
+def flagged_word(loaded_run):
+  """A word that the model writes after OUTPUT_PROMPT (temperature 1, seed 3), found by running it here."""
+  model, params, tokenizer = loaded_run
   text = complete(model, params, tokenizer, [OUTPUT_PROMPT], Sampling(max_new_tokens=24, temperature=1.0, seed=3))[0].text
   words = re.findall(r'\b[A-Za-z]{3,}\b', text)  # whole words, as the checker matches them
   assert words, text
@@ -122,33 +131,92 @@ def test_stop_sequence_cuts_the_text(server):
   assert cut['text'] == whole[:whole.index(stop)] and cut['finish_reason'] == 'stop'
 
 
-@pytest.mark.parametrize('body,status,message', [
-    (b'{"prompt": "x", ', 400, 'not valid JSON'),
-    (b'["prompt"]', 400, 'must be a JSON object'),
-    (b'{"max_tokens": 4}', 400, '"prompt" is required'),
-    (b'{"prompt": 42}', 400, '"prompt" must be a non-empty string; got 42'),
-    (b'{"prompt": "x", "max_tokens": 0}', 400, '"max_tokens" must be an integer from 1 to 63; got 0'),
-    (b'{"prompt": "x", "max_tokens": 5000}', 400, 'from 1 to 63; got 5000'),
-    (b'{"prompt": "x", "max_tokens": "8"}', 400, 'got "8"'),
-    (b'{"prompt": "x", "temperature": -1}', 400, '"temperature" must be a number from 0 to 2'),
-    (b'{"prompt": "x", "top_p": 0}', 400, '"top_p" must be a number in (0, 1]'),
-    (b'{"prompt": "x", "stream": "yes"}', 400, '"stream" must be true or false'),
-    (b'{"prompt": "x", "stop": [1, 2]}', 400, '"stop" must be a string or a list of at most 4 strings'),
-    (json.dumps({'prompt': 'word ' * 80}).encode(), 400, "exceed the model's context of 64 tokens"),
+@pytest.mark.parametrize('body,message,param', [
+    (b'{"prompt": "x", ', 'not valid JSON', None),
+    (b'', 'the request body is empty', None),
+    (b'["prompt"]', 'must be a JSON object', None),
+    (b'{"max_tokens": 4}', '"prompt" is required', 'prompt'),
+    (b'{"prompt": 42}', '"prompt" must be a non-empty string; got 42.', 'prompt'),
+    (b'{"prompt": ""}', '"prompt" must be a non-empty string; got "".', 'prompt'),
+    (b'{"prompt": "\\ud800"}', r'"prompt" must be a non-empty string; got "\ud800".', 'prompt'),  # not Unicode
+    (b'{"prompt": "x", "max_tokens": 0}', '"max_tokens" must be an integer from 1 to 63; got 0.', 'max_tokens'),
+    (b'{"prompt": "x", "max_tokens": 5000}', 'from 1 to 63; got 5000.', 'max_tokens'),
+    (b'{"prompt": "x", "max_tokens": "8"}', 'got "8".', 'max_tokens'),
+    (b'{"prompt": "x", "max_tokens": 8.5}', 'got 8.5.', 'max_tokens'),
+    (b'{"prompt": "x", "temperature": -1}', '"temperature" must be a number from 0 to 2; got -1.', 'temperature'),
+    (b'{"prompt": "x", "temperature": NaN}', 'a number from 0 to 2; got NaN.', 'temperature'),
+    (b'{"prompt": "x", "top_p": 0}', '"top_p" must be a number in (0, 1]; got 0.', 'top_p'),
+    (b'{"prompt": "x", "seed": 1099511627776}', '"seed" must be an integer from 0 to 4294967295; got 1099511627776.',
+     'seed'),
+    (b'{"prompt": "x", "seed": -1}', 'got -1.', 'seed'),
+    (b'{"prompt": "x", "seed": true}', 'got true.', 'seed'),
+    (b'{"prompt": "x", "stream": "yes"}', '"stream" must be true or false; got "yes".', 'stream'),
+    (b'{"prompt": "x", "stop": [1, 2]}', '"stop" must be a string or a list of at most 4 strings; got [1, 2].', 'stop'),
+    (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 'at most 4 strings', 'stop'),
+    (json.dumps({'prompt': 'word ' * 80}).encode(), "exceed the model's context of 64 tokens", 'prompt'),
 ])
-def test_bad_requests_get_a_clear_4xx(server, body, status, message):
+def test_bad_requests_get_one_clear_400(server, body, message, param):
   client, _ = server
   response = client.post('/v1/completions', content=body, headers={'Content-Type': 'application/json'})
-  assert response.status_code == status
-  assert message in response.json()['error']['message'], response.text
+  assert response.status_code == 400, response.text
+  error = response.json()['error']  # OpenAI's error shape
+  assert message in error['message'] and error['param'] == param, response.text
+  assert error['type'] == 'invalid_request_error' and set(error) == {'message', 'type', 'param', 'code'}
+
+
+def test_a_body_without_content_type_is_read_as_json_and_a_text_one_refused(server):
+  client, _ = server
+  without = client.post('/v1/completions', content=b'{"prompt": "x", "max_tokens": 2}', headers={'Content-Type': ''})
+  assert without.status_code == 200, without.text
+  as_text = client.post('/v1/completions', content=b'{"prompt": "x"}', headers={'Content-Type': 'text/plain'})
+  assert as_text.status_code == 400 and 'Content-Type: application/json' in as_text.json()['error']['message']
 
 
 def test_api_key_is_required(server):
   client, _ = server
   url = str(client.base_url)
   for headers in ({}, {'Authorization': 'Bearer wrong'}):
-    response = httpx.post(f'{url}/v1/completions', json={'prompt': 'x'}, headers=headers)
-    assert response.status_code == 401 and 'API key' in response.json()['error']['message']
+    for body in (b'{"prompt": "x"}', b'{"prompt": "x", "max_tokens": 0}', b'{"prompt": '):
+      response = httpx.post(f'{url}/v1/completions', content=body,
+                            headers={**headers, 'Content-Type': 'application/json'})
+      error = response.json()['error']
+      assert response.status_code == 401 and 'API key' in error['message'] and error['code'] == 'invalid_api_key'
+
+
+def test_one_bad_request_does_not_fail_the_others_sent_with_it(server):
+  client, _ = server
+  good = [{'prompt': f'def g{i}(', 'max_tokens': 8, 'temperature': 0.7, 'seed': i} for i in range(5)]
+  bad = {'prompt': 'def g(', 'max_tokens': 8, 'temperature': 0.7, 'seed': 2**40}  # a uint32 seed cannot hold it
+  with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    responses = list(pool.map(lambda r: client.post('/v1/completions', json=r), [*good[:3], bad, *good[3:]]))
+  bad_response = responses.pop(3)
+  assert bad_response.status_code == 400 and bad_response.json()['error']['param'] == 'seed', bad_response.text
+  assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+  for request, response in zip(good, responses):
+    alone = client.post('/v1/completions', json=request).json()['choices'][0]
+    assert response.json()['choices'][0] == alone and alone['finish_reason'] in ('stop', 'length')
+
+
+def test_a_failed_batch_answers_its_own_requests_and_the_worker_goes_on(loaded_run):
+  model, params, tokenizer = loaded_run
+  engine = Engine(model, params, tokenizer, max_batch=1, queue_size=4, chunk_tokens=8)
+
+  async def answers():
+    loop = asyncio.get_running_loop()
+    # A prompt that is not text fails its batch inside the tokenizer, past every check a request goes through.
+    broken, good = Job(None, Sampling(max_new_tokens=4), loop), Job('def ', Sampling(max_new_tokens=4), loop)
+    engine.submit(broken)
+    engine.submit(good)
+    failure = await asyncio.wait_for(broken.events.get(), 120)
+    deltas = [await asyncio.wait_for(good.events.get(), 120)]
+    while not isinstance(deltas[-1], Exception) and deltas[-1].finish_reason is None:
+      deltas.append(await asyncio.wait_for(good.events.get(), 120))
+    return failure, deltas
+
+  failure, deltas = asyncio.run(answers())
+  assert isinstance(failure, Exception)
+  expected = complete(model, params, tokenizer, ['def '], Sampling(max_new_tokens=4))[0]
+  assert ''.join(d.text for d in deltas) == expected.text and deltas[-1].finish_reason == expected.finish_reason
 
 
 def test_fifty_concurrent_requests_are_all_answered(server):

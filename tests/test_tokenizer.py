@@ -86,3 +86,22 @@ def test_byte_level_bpe_problems_are_clear_errors(tmp_path):
   (tmp_path / 'garbage.model').write_bytes(b'\x00not a model')
   with pytest.raises(JaxgptError, match='cannot load the tokenizer'):
     Tokenizer.load(str(tmp_path / 'garbage.model'))
+
+
+@pytest.mark.parametrize('kind', ['sentencepiece', 'byte_bpe'])
+def test_token_bytes_add_up_to_the_texts_bytes_and_special_tokens_to_none(kind, tmp_path):
+  """The bytes behind bits per byte: summed over a text's tokens they are its UTF-8 bytes, exactly."""
+  if kind == 'sentencepiece':
+    tokenizer = train_tokenizer([_read(f) for f in TRAIN_FILES], vocab_size=600, special_tokens=['<|user|>'])
+  else:
+    _byte_level_bpe().save(str(tmp_path / 'tokenizer.json'))
+    tokenizer = load_byte_level_bpe(str(tmp_path / 'tokenizer.json'), '<|endoftext|>')
+  sizes = tokenizer.token_bytes()
+  assert sizes.shape == (tokenizer.vocab_size,)
+  assert sizes[tokenizer.bos_id] == 0 and sizes[tokenizer.eos_id] == 0
+  for text in (_read(HELD_OUT), WEIRD, ' leading space', '<|user|>\nhi'):
+    assert sum(sizes[i] for i in tokenizer.encode(text)) == len(text.encode('utf-8')), text[:40]
+  # Pieces tokenized apart (an instruction's prompt and its response) join without an invented space.
+  prompt, response = 'Name a colour.\n', 'Blue and green.'
+  joined = tokenizer.decode(tokenizer.encode(prompt) + tokenizer.encode(response))
+  assert joined == prompt + response

@@ -25,7 +25,7 @@ from jaxgpt.data.report import SPLITS, Report, table
 from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe, train_tokenizer
 
 # Bump when the on-disk layout or tokenization changes, to invalidate old caches.
-_FORMAT_VERSION = 3
+_FORMAT_VERSION = 4  # 4: JSONL records split by id or content hash, not line number
 # Settings that change how data is read or where it is kept, not what it is.
 _SETTINGS_NOT_IN_DATA = ('cache_dir', 'shuffle', 'num_workers')
 _ENCODE_BATCH = 256

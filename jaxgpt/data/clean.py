@@ -167,7 +167,7 @@ class Cleaner:
     if self.checker is not None:
       flags = self.checker.check(text)
       if flags.profane:
-        detail = f'{", ".join(flags.words) or f"classifier {flags.score:.2f}"}: {flags.line!r}'
+        detail = flags.reason()
         if self.cfg.safety.profanity == 'drop':
           outcome.dropped, outcome.detail = 'profanity', detail
           return outcome

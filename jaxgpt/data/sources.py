@@ -6,8 +6,10 @@ used (not UTF-8, invalid JSON, a missing or empty field, ...), with the line
 number. Records are never all in memory; a directory's file list is.
 
 Documents are split into train and validation by a hash of their key (a file's
-relative path, a JSONL line number, a TFDS index), so the split does not depend
-on order and no document ever lands in both.
+relative path; a JSONL record's `data.id_field` value, or when it has none a hash
+of the line's content; a TFDS index), so the split does not depend on order:
+inserting, deleting or moving a line of a JSONL file moves no other document
+between the splits. No document ever lands in both.
 """
 
 import dataclasses
@@ -105,7 +107,7 @@ class FileTree(Source):
 
 
 class JsonLines(Source):
-  """One document per line of a JSONL file; keys are line numbers."""
+  """One document per line of a JSONL file, keyed by content (`jsonl_key`); reports name path:line."""
 
   def __init__(self, data_cfg):
     super().__init__(data_cfg)
@@ -117,7 +119,7 @@ class JsonLines(Source):
       for number, line in enumerate(f, start=1):
         if self.cfg.max_docs and number > self.cfg.max_docs:
           return
-        yield Record(str(number), f'{self.root}:{number}', len(line), line)
+        yield Record(jsonl_key(line, self.cfg.id_field), f'{self.root}:{number}', len(line), line)
 
   def total_bytes(self) -> int:
     return os.path.getsize(self.root)
@@ -161,6 +163,26 @@ class TfdsDataset(Source):
 def open_source(data_cfg) -> Source:
   kinds = {'stdlib': FileTree, 'dir': FileTree, 'jsonl': JsonLines, 'tfds': TfdsDataset}
   return kinds[data_cfg.source](data_cfg)
+
+
+def jsonl_key(line: bytes, id_field: str) -> str:
+  """A JSONL record's identity, whatever line it is on: 'id:' and its `id_field` value when the record
+  has one (a non-empty string or an integer), else 'sha256:' and a hash of the line without surrounding
+  whitespace.
+
+  An id keeps a record in its split when its text is edited (ids are expected to be unique: records
+  sharing one share a split); without one, identical lines share a key, and deduplication keeps one of
+  them. The line is parsed here, in the reading process, only when the field's quoted name occurs in it.
+  """
+  if id_field and f'"{id_field}"'.encode() in line:
+    try:
+      record = json.loads(line)
+    except (ValueError, RecursionError):  # invalid JSON or UTF-8: dropped later, keyed by content meanwhile
+      record = None
+    value = record.get(id_field) if isinstance(record, dict) else None
+    if (isinstance(value, str) and value) or (isinstance(value, int) and not isinstance(value, bool)):
+      return f'id:{json.dumps(value, ensure_ascii=False)}'
+  return f'sha256:{hashlib.sha256(line.strip()).hexdigest()[:32]}'
 
 
 def in_validation(key: str, fraction: float) -> bool:

@@ -21,14 +21,18 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 import tokenizers
 
 from jaxgpt.config import JaxgptError
 
 BOS_ID, EOS_ID = 1, 2
+_SPACE_PIECE = '\u2581'  # how SentencePiece (and Llama's tokenizer.json) spell a space
+_BYTE_PIECE = re.compile(r'<0x[0-9A-Fa-f]{2}>')
 # Lines per training "sentence": long enough to learn multi-line pieces of code,
 # short enough for SentencePiece's sentence-length limit.
 _LINES_PER_CHUNK = 8
@@ -76,6 +80,11 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     raise NotImplementedError
 
+  def token_bytes(self) -> np.ndarray:
+    """[vocab_size] int32: the UTF-8 bytes of text each token stands for; 0 for BOS, EOS and other
+    special tokens. Summed over the predicted tokens it gives the bytes for bits per byte."""
+    raise NotImplementedError
+
 
 class SentencePieceTokenizer(Tokenizer):
   kind = 'sentencepiece'
@@ -91,6 +100,12 @@ class SentencePieceTokenizer(Tokenizer):
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def token_bytes(self) -> np.ndarray:
+    sp = self._sp
+    return np.array([0 if sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
+                     else len(sp.id_to_piece(i).replace(_SPACE_PIECE, ' ').encode('utf-8'))
+                     for i in range(self.vocab_size)], np.int32)
 
 
 class ByteLevelBPETokenizer(Tokenizer):
@@ -115,6 +130,22 @@ class ByteLevelBPETokenizer(Tokenizer):
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def token_bytes(self) -> np.ndarray:
+    saved = json.loads(self.tokenizer_json)
+    special = {t['id'] for t in saved.get('added_tokens', []) if t.get('special')} | {self.eos_id}
+    # GPT-2's byte-level alphabet spells each byte as one character; Llama-style tokenizers
+    # (Metaspace + byte fallback) spell a space as '\u2581' and a raw byte as '<0xNN>'.
+    byte_level = 'ByteLevel' in json.dumps(saved.get('decoder'))
+    sizes = np.zeros(self.vocab_size, np.int32)
+    for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+      if i in special:
+        continue
+      if byte_level:
+        sizes[i] = len(token)
+      else:
+        sizes[i] = 1 if _BYTE_PIECE.fullmatch(token) else len(token.replace(_SPACE_PIECE, ' ').encode('utf-8'))
+    return sizes
 
 
 def load_byte_level_bpe(path: str, eos_token: str) -> ByteLevelBPETokenizer:
@@ -165,6 +196,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_type: str = 'bp
         normalization_rule_name='identity', allow_whitespace_only_pieces=True,
         split_digits=True, user_defined_symbols=['\n', '\t', *special_tokens], max_sentence_length=16384,
         unk_id=0, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1, character_coverage=0.9995,
+        # No '\u2581' added in front of each text: pieces tokenized apart (an instruction's prompt and
+        # response) then join without an invented space, and the pieces' bytes add up to the text's.
+        add_dummy_prefix=False,
         num_threads=2, minloglevel=2)
   except RuntimeError as e:
     if 'Vocabulary size' in str(e):

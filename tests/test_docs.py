@@ -1,0 +1,955 @@
+"""Every command the docs show a user runs, exactly as written, here.
+
+The commands are read from the fenced blocks of README.md and docs/*.md; TABLE says how each
+one runs. Most run as written in a sandbox set up the way the command expects (a working
+directory with `configs` and `tools`, HOME holding `~/models/gpt2`, `~/my_texts`, ...), made
+tiny by APPENDING overrides (absl lets a later flag win). What cannot run on a CPU without a
+network (GPU wheels, Cloud TPU, a SLURM cluster) has a stated reason and the strongest check
+that runs here. A command the docs gain without an entry here, or an entry whose command left
+the docs, fails test_every_doc_command_is_in_the_table: the docs cannot drift from the tests.
+
+The commands of one page run in page order in one sandbox (a flow), so the sample command uses
+the run the train command made. tests/test_end_to_end.py continues these flows with its own
+steps, so that no config is trained twice; the flows run two at a time (`command_runs` in
+tests/conftest.py).
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import glob
+import importlib.metadata
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import GPT2_ARCHITECTURE, REPO, TINY_OVERRIDES, override_args
+
+# --- reading commands from the docs -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  page: str  # relative to the repository, e.g. 'docs/gpu.md'
+  line: int  # where the command starts, 1-based
+  text: str  # as a shell reads it: continuations joined, `$ ` prompt and trailing comment removed
+  shown_output: str = ''  # what the page shows under a `$ ` command
+  inside: str = ''  # the command that runs this one on other machines (gcloud ... --command='...', srun)
+
+  @property
+  def key(self) -> str:
+    return ' '.join(self.text.split())
+
+
+def split_shell(source: str) -> list[tuple[int, str]]:
+  """(line offset, command) for each command in shell source, split as bash splits it.
+
+  A backslash-newline joins lines; a newline inside quotes does not end a command; `#` at the
+  start of a word starts a comment; `&&` separates commands.
+  """
+  commands, current, quote = [], [], ''
+  line = start = 0
+
+  def finish():
+    text = ''.join(current).strip()
+    if text:
+      commands.append((start, text))
+    current.clear()
+
+  i = 0
+  while i < len(source):
+    ch = source[i]
+    if not ''.join(current).strip():
+      start = line
+    if quote:
+      current.append(ch)
+      if ch == quote:
+        quote = ''
+      elif ch == '\\' and quote == '"':
+        current.append(source[i + 1])
+        i += 1
+    elif source.startswith('\\\n', i):
+      current.append(' ')
+      i += 1
+    elif ch in '\'"':
+      quote = ch
+      current.append(ch)
+    elif ch == '#' and (not current or current[-1].isspace()):
+      while i + 1 < len(source) and source[i + 1] != '\n':
+        i += 1
+    elif ch == '\n':
+      finish()
+    elif source.startswith('&&', i):
+      finish()
+      i += 1
+    else:
+      current.append(ch)
+    line += source[i] == '\n'
+    i += 1
+  finish()
+  return commands
+
+
+def _fenced_blocks(markdown: str):
+  """(language, line number of the block's first line, lines) of each fenced block."""
+  lines = markdown.splitlines()
+  i = 0
+  while i < len(lines):
+    opening = re.match(r'\s*```(\w*)\s*$', lines[i])
+    if opening:
+      end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == '```')
+      yield opening.group(1), i + 2, lines[i + 1:end]
+      i = end
+    i += 1
+
+
+# A command run by another one on other machines: gcloud's --command='...', and srun's.
+_INNER = re.compile(r"--command='(?P<quoted>[^']*)'|^srun\s+(?P<srun>.*)$", re.S)
+
+
+def commands_in(page: str, markdown: str) -> list[Command]:
+  """The commands of one Markdown page, in page order.
+
+  `bash` blocks hold commands; a block without a language holds commands only on `$ ` lines,
+  each followed by the output the page shows for it; a `python` block is one snippet. jaxgpt
+  commands that another command runs (gcloud ... --command='...', srun ...) follow it.
+  """
+  found = []
+  for language, first, lines in _fenced_blocks(markdown):
+    if language in ('bash', 'sh', 'shell'):
+      found += [Command(page, first + offset, text) for offset, text in split_shell('\n'.join(lines))]
+    elif language == 'python':
+      found.append(Command(page, first, '\n'.join(lines)))
+    elif language == '':
+      starts = [i for i, line in enumerate(lines) if line.startswith('$ ')] + [len(lines)]
+      for start, end in zip(starts, starts[1:]):
+        length = 1
+        while lines[start + length - 1].endswith('\\'):
+          length += 1
+        [(_, text)] = split_shell('\n'.join(lines[start:start + length])[2:])
+        found.append(Command(page, first + start, text, shown_output='\n'.join(lines[start + length:end])))
+  with_inner = []
+  for command in found:
+    with_inner.append(command)
+    for match in _INNER.finditer(command.text):
+      for _, inner in split_shell(match.group('quoted') or match.group('srun')):
+        if re.search(r'python3? (-m jaxgpt\.|tools/)', inner):
+          with_inner.append(Command(page, command.line, inner, inside=command.key))
+  return with_inner
+
+
+def doc_pages() -> list[str]:
+  return ['README.md', *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'docs', '*.md')))]
+
+
+def doc_commands() -> list[Command]:
+  return [c for page in doc_pages() for c in commands_in(page, open(os.path.join(REPO, page)).read())]
+
+
+# --- how each command runs ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+  """One step of a flow: a command run (returncode, output), a snippet executed, or an error."""
+  label: str
+  command: str = ''
+  returncode: int | None = None
+  stdout: str = ''
+  stderr: str = ''
+  seconds: float = 0.0
+  namespace: dict = dataclasses.field(default_factory=dict)  # what a Python snippet defined
+  error: str = ''  # why the step could not run at all
+
+  def tail(self) -> str:
+    return f'{self.error}\n--- stdout:\n{self.stdout[-2000:]}\n--- stderr:\n{self.stderr[-2500:]}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Runs as written in the flow's directory, `append` added to its end (a later flag wins).
+
+  `expect` checks the output beyond the exit status and the figures every command of its kind
+  must print (FIGURES).
+  """
+  append: str = ''
+  env: tuple = ()  # (name, value) pairs the command expects in its environment
+  exit_code: int = 0
+  expect: Callable | None = None  # expect(result, flow) raises AssertionError
+
+  def command(self, text: str) -> str:
+    # Before a pipe, the flags still go to the command and not to `tee`.
+    pipe = re.search(r'\s+(2>&1\s*)?\|', text)
+    cut = pipe.start() if pipe else len(text)
+    return f'{text[:cut]} {self.append}{text[cut:]}' if self.append else text
+
+
+@dataclasses.dataclass(frozen=True)
+class Serve(Run):
+  """Starts the server in the background, waits for /health, runs the Requests that follow, stops it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request(Run):
+  """A request to the server started by the Serve step before it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Snippet:
+  """A Python block, executed as written (with HOME the sandbox's); `expect(result, flow)` checks what it defined."""
+  expect: Callable | None = None
+  before: str = ''  # what the page says the snippet goes into, e.g. a config file's get_config
+
+
+@dataclasses.dataclass(frozen=True)
+class NotHere:
+  """Cannot run on a CPU without a network; `check(command, flow)` is the strongest check that runs here."""
+  reason: str
+  check: Callable | None = None
+
+
+def append(overrides: dict, *flags: str) -> str:
+  return ' '.join(shlex.quote(arg) for arg in (*override_args(overrides), *flags))
+
+
+# Sizes that make every config tiny; data settings match between the commands that share a dataset.
+STDLIB_DATA = {'data.max_docs': TINY_OVERRIDES['data.max_docs'], 'data.vocab_size': 512, 'data.num_workers': 1}
+PROSE_DATA = {'data.vocab_size': 512, 'data.num_workers': 1}
+QUICKSTART_TINY = {**{k: v for k, v in TINY_OVERRIDES.items() if k not in GPT2_ARCHITECTURE}, **STDLIB_DATA,
+                   'train.num_steps': 10}
+# The shape of tests/hf_models.py's save_gpt2 (2 layers, 2 heads, width 32, context 64).
+FINETUNE_TINY = {'model.num_layers': 2, 'model.num_heads': 2, 'model.embed_dim': 32, 'model.mlp_dim': 128,
+                 'model.max_len': 64, 'seq_len': 32, 'batch_size': 4, 'data.num_workers': 1,
+                 'optim.warmup_steps': 1, 'train.num_steps': 3, 'train.eval_every': 3, 'train.eval_batches': 1,
+                 'train.checkpoint_every': 3, 'train.log_every': 1, 'train.peak_flops_per_device': 1e11,
+                 'sample.max_new_tokens': 4}
+# The GPU/TPU configs at CPU size; their batch and accumulation stay, the rows are only 32 tokens.
+CLUSTER_TINY = {'seq_len': 32, 'data.vocab_size': 512, 'data.num_workers': 1, 'model.num_layers': 2,
+                'model.embed_dim': 32, 'model.mlp_dim': 64, 'model.max_len': 64, 'optim.warmup_steps': 1,
+                'train.num_steps': 2, 'train.log_every': 1, 'train.eval_every': 2, 'train.eval_batches': 1,
+                'train.checkpoint_every': 2, 'train.peak_flops_per_device': 1e11, 'sample.max_new_tokens': 8}
+LLAMA_1B_TINY = {**CLUSTER_TINY, 'model.num_heads': 4, 'model.num_kv_heads': 2}
+GPT2_TINY = {**CLUSTER_TINY, 'model.num_heads': 2}
+# A cluster's shared filesystem, here: the sandbox's own paths.
+ON_THIS_MACHINE = ('--config.data.path=corpus.jsonl', '--config.data.cache_dir=~/.cache/jaxgpt',
+                   '--config.distributed.auto=False')
+BENCH_TINY = append({'model.num_layers': 1, 'model.num_heads': 2, 'model.embed_dim': 32, 'model.mlp_dim': 64,
+                     'model.max_len': 32, 'seq_len': 32, 'batch_size': 2, 'data.vocab_size': 256,
+                     'train.peak_flops_per_device': 1e11},
+                    '--steps', '1', '--rounds', '1')
+NEAR_DUP_FEW = '--docs 8 --copies 1 --min_words 200 --shingle_sizes 5 --thresholds 0.5 --rates 0.03 --shared 0.7'
+BENCH_ON_A_TINY_CONFIG = f'--config configs/quickstart.py {BENCH_TINY}'  # --config replaces the presets' shapes
+
+# Figures a command of each kind prints; each must be there and finite.
+FIGURES = {
+    'python -m jaxgpt.train': r'validation loss (\S+) \| perplexity (\S+) \| (\S+) bits/byte',
+    'python -m jaxgpt.evaluate': r'loss (\S+) \| perplexity (\S+) \| bits per byte (\S+)',
+    'python -m jaxgpt.prepare': r'tokenizer: .* (\S+) tokens/byte',
+    'python tools/plan.py': r'total\s+(\S+)',
+    'python tools/bench.py': r'(\S+)%',
+    'python tools/bench_sample.py': r'with KV cache: (\S+) tokens/s',
+    'python tools/sweep.py': r'"bits_per_byte": ([^,}]+)',
+    'python tools/near_dup_recall.py': r'^\| \d+ \| \d+ \| [\d.]+ \| (\S+)%',
+    'curl': r'"completion_tokens":\s*(\S+?)[,}]',
+}
+
+
+def figures(command: str, output: str) -> list[float]:
+  """The figures `command` printed; [] if its kind prints none. Fails if one is missing or not finite."""
+  kind = next((k for k in FIGURES if re.sub(r'^\S*python3?\b', 'python', command).startswith(k)), None)
+  if kind is None or (kind == 'curl' and '"error"' in output):
+    return []
+  found = [float(value.replace(",", "")) for match in re.finditer(FIGURES[kind], output, re.M) for value in match.groups()]
+  assert found, f'no figure matching {FIGURES[kind]!r} in the output'
+  assert all(math.isfinite(x) for x in found), f'a figure is not finite: {found}'
+  assert not re.search(r'\b(nan|inf)\b', output, re.I), 'NaN or Inf in the output'
+  return found
+
+
+# --- what a flow runs in ------------------------------------------------------------------------
+
+
+def _docs_texts() -> dict[str, str]:
+  return {os.path.basename(p): open(os.path.join(REPO, p)).read() for p in doc_pages()}
+
+
+def _paragraphs() -> list[str]:
+  return [p.strip() for text in _docs_texts().values() for p in text.split('\n\n') if len(p.strip()) > 80]
+
+
+def _write_jsonl(path: str, records) -> None:
+  with open(path, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+
+
+def make_home(home: str) -> None:
+  """What the docs' commands expect in ~: a Hugging Face GPT-2, text directories, a venv and a checkout."""
+  from hf_models import save_gpt2
+  save_gpt2(os.path.join(home, 'models', 'gpt2'))
+  for name, text in _docs_texts().items():  # Markdown for README's --config.data.glob='**/*.md'
+    sub = os.path.join(home, 'my_texts', 'docs' if name != 'README.md' else '')
+    os.makedirs(sub, exist_ok=True)
+    with open(os.path.join(sub, name), 'w') as f:
+      f.write(text)
+  # Prose for configs/web_text.py: the Python language reference's sections, from this Python.
+  from pydoc_data.topics import topics
+  os.makedirs(os.path.join(home, 'crawl'))
+  for name, text in topics.items():
+    with open(os.path.join(home, 'crawl', f'{name}.txt'), 'w') as f:
+      f.write(text)
+  os.symlink(sys.prefix, os.path.join(home, 'venv'))  # ~/venv/bin/python, source ~/venv/bin/activate
+
+
+def make_workdir(directory: str) -> None:
+  """A checkout's stand-in (configs/, tools/) with the input files the docs name, in `directory`."""
+  os.makedirs(directory)
+  for name in ('configs', 'tools'):
+    os.symlink(os.path.join(REPO, name), os.path.join(directory, name))
+  paragraphs = _paragraphs()
+  _write_jsonl(os.path.join(directory, 'corpus.jsonl'), ({'text': p} for p in paragraphs))
+  _write_jsonl(os.path.join(directory, 'my_text.jsonl'),
+               ({'text': f'The quick brown fox number {i} jumps over the lazy dog.'} for i in range(60)))
+  _write_jsonl(os.path.join(directory, 'alpaca.jsonl'),
+               ({'instruction': 'Upper-case the word.', 'input': w, 'output': w.upper()}
+                for w in ('fox', 'dog', 'cat', 'owl', 'bee', 'elk', 'ant', 'cow', 'yak', 'emu') * 6))
+  _write_jsonl(os.path.join(directory, 'chat.jsonl'),
+               ({'prompt': f'What does paragraph {i} of the docs say?', 'answer': p} for i, p in enumerate(paragraphs)))
+  _write_jsonl(os.path.join(directory, 'refs.jsonl'), [{'prompt': 'import ', 'reference': 'import os'},
+                                                       {'prompt': 'def f(', 'reference': 'def f(x):\n    return x'}])
+
+
+@contextlib.contextmanager
+def home_as(home: str):
+  """HOME set to the sandbox's while Python code here reads `~` paths the way the commands do."""
+  saved = os.environ.get('HOME')
+  os.environ['HOME'] = home
+  try:
+    yield
+  finally:
+    os.environ['HOME'] = saved
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  label: str  # the doc command's key, or what an end-to-end step does
+  text: str  # the command line (or Python source) as written
+  entry: object  # Run, Serve, Request, Snippet or NotHere
+  command: Command | None = None
+
+
+@dataclasses.dataclass
+class Flow:
+  name: str
+  directory: str
+  home: str
+  steps: list
+  results: dict = dataclasses.field(default_factory=dict)  # label -> Result
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+  def result(self, label: str) -> Result:
+    assert self.done.wait(timeout=3600), f'flow {self.name} did not finish'
+    return self.results[label]
+
+
+# The pages whose commands share a sandbox, in order; README's quickstart run is performance.md's too.
+FLOWS = {
+    'quickstart': ('README.md', 'docs/performance.md'),
+    'data': ('docs/data.md',),
+    'finetuning': ('docs/finetuning.md',),
+    'cluster': ('docs/gpu.md', 'docs/tpu.md'),
+    'sharding': ('docs/sharding.md',),
+}
+# Two at a time, flows that share a data cache directory one after the other in the same lane
+# (a rebuilt cache directory is replaced while another process may read it). Flows only
+# tests/test_end_to_end.py has go to the second lane.
+LANES = (('quickstart', 'data'), ('finetuning', 'cluster', 'sharding'))
+README_PORT = 8765  # the README's --port and curl commands
+
+
+class CommandRuns:
+  """The flows of the docs (and their end-to-end continuations), run in the background on creation."""
+
+  def __init__(self, root: str, chains: dict[str, list[Step]]):
+    self.home = os.path.join(root, 'home')
+    make_home(self.home)
+    commands = doc_commands()
+    self.flows = {}
+    for name, pages in FLOWS.items():
+      steps = [Step(c.key, c.text, TABLE[c.page][c.key], c) for page in pages for c in commands if c.page == page]
+      self.flows[name] = Flow(name, os.path.join(root, name), self.home, steps + chains.get(name, []))
+    for name, steps in chains.items():
+      self.flows.setdefault(name, Flow(name, os.path.join(root, name), self.home, steps))
+    for flow in self.flows.values():
+      make_workdir(flow.directory)
+    os.symlink(self.flows['cluster'].directory, os.path.join(self.home, 'jaxgpt'))  # gpu.md's `cd ~/jaxgpt`
+    os.makedirs(os.path.join(self.flows['quickstart'].directory, 'runs'))
+    os.symlink('quickstart', os.path.join(self.flows['quickstart'].directory, 'runs', 'tiny'))  # README's tiny run
+    lanes = [list(LANES[0]), list(LANES[1]) + [n for n in self.flows if not any(n in lane for lane in LANES)]]
+    self._pool = ThreadPoolExecutor(max_workers=len(lanes))
+    self._lanes = [self._pool.submit(self._run_lane, [self.flows[n] for n in lane]) for lane in lanes]
+
+  def flow(self, name: str) -> Flow:
+    flow = self.flows[name]
+    assert flow.done.wait(timeout=3600), f'flow {name} did not finish'
+    for lane in self._lanes:
+      if lane.done() and lane.exception():
+        raise lane.exception()
+    return flow
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+  def _run_lane(self, flows: list[Flow]) -> None:
+    for flow in flows:
+      try:
+        self._run_flow(flow)
+      finally:
+        flow.done.set()
+
+  def env(self, entry) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ('JAXGPT_API_KEY', 'XLA_FLAGS')}
+    return {**env, 'HOME': self.home, 'PATH': f'{os.path.dirname(sys.executable)}:{env["PATH"]}',
+            'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1', **dict(getattr(entry, 'env', ()))}
+
+  def _run_flow(self, flow: Flow) -> None:
+    server = port = None
+    for step in flow.steps:
+      if server and not isinstance(step.entry, Request):
+        self._stop(server)
+        server = None
+      if isinstance(step.entry, Serve):
+        port = free_port()  # for a server started on `--port {port}`
+      step = dataclasses.replace(step, text=step.text.replace('{port}', str(port)))
+      if isinstance(step.entry, NotHere):
+        continue  # checked by the test, in the test's process
+      if isinstance(step.entry, Snippet):
+        flow.results[step.label] = self._exec(step, flow)
+      elif isinstance(step.entry, Serve):
+        server, flow.results[step.label] = self._start(step, flow)
+      else:
+        flow.results[step.label] = self._run(step, flow)
+    if server:
+      self._stop(server)
+
+  def _run(self, step: Step, flow: Flow) -> Result:
+    command = step.entry.command(step.text)
+    start = time.perf_counter()
+    try:
+      done = subprocess.run(['bash', '-o', 'pipefail', '-c', command], cwd=flow.directory, env=self.env(step.entry),
+                            capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as e:
+      return Result(step.label, command, error=f'timed out after {e.timeout} s')
+    return Result(step.label, command, done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
+
+  def _exec(self, step: Step, flow: Flow) -> Result:
+    namespace = {}
+    start = time.perf_counter()
+    try:
+      with home_as(self.home):
+        exec(step.entry.before + step.text, namespace)  # noqa: S102  (the docs' own snippet)
+    except Exception as e:  # the snippet failing is the finding, reported by the test
+      return Result(step.label, step.text, error=f'{type(e).__name__}: {e}')
+    return Result(step.label, step.text, 0, seconds=time.perf_counter() - start, namespace=namespace)
+
+  def _start(self, step: Step, flow: Flow):
+    command = step.entry.command(step.text)
+    port = int(re.search(r'--port[= ](\d+)', command).group(1))
+    lock = open(os.path.join('/tmp', f'jaxgpt-test-port-{port}.lock'), 'w')
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another test session on this machine may serve the README's port
+    log = open(os.path.join(flow.directory, f'serve-{port}.log'), 'w+')
+    process = subprocess.Popen(['bash', '-c', f'exec {command}'], cwd=flow.directory, env=self.env(step.entry),
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+    result = Result(step.label, command)
+    start = time.perf_counter()
+    while True:
+      try:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2) as response:
+          if response.status == 200:
+            result.returncode = 0
+            break
+      except OSError:
+        pass
+      if process.poll() is not None or time.perf_counter() - start > 300:
+        result.error = 'the server did not answer /health' + (f' (exit {process.returncode})' if process.poll() else '')
+        break
+      time.sleep(0.5)
+    result.seconds = time.perf_counter() - start
+    return (process, log, lock, result), result
+
+  @staticmethod
+  def _stop(server) -> None:
+    process, log, lock, result = server
+    if process.poll() is None:
+      process.terminate()
+      try:
+        process.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log.seek(0)
+    result.stdout = log.read()
+    log.close()
+    lock.close()
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def check_step(flow: Flow, step: Step) -> str:
+  """'' if the step did what its entry says; else what went wrong, with the output."""
+  entry = step.entry
+  where = f'{step.command.page}:{step.command.line}: ' if step.command else ''
+  try:
+    if isinstance(entry, NotHere):
+      if entry.check:
+        with home_as(flow.home):
+          entry.check(step.command, flow)
+      return ''
+    result = flow.results[step.label]
+    if isinstance(entry, Snippet):
+      assert not result.error, result.error
+    else:
+      assert not result.error and result.returncode == entry.exit_code, (
+          f'exit {result.returncode}, expected {entry.exit_code}')
+      if entry.exit_code == 0:
+        figures(result.command, result.stdout)
+    if entry.expect:
+      with home_as(flow.home):
+        entry.expect(result, flow)
+  except AssertionError as e:
+    result = flow.results.get(step.label)
+    return f'{where}{step.label}\n  {e}' + (f'\n  ran: {result.command}\n{result.tail()}' if result else '')
+  return ''
+
+
+# --- the checks of commands that cannot run here ------------------------------------------------
+
+
+def _requirement_met(requirement: str) -> bool:
+  from packaging.requirements import Requirement
+  req = Requirement(requirement)
+  if req.name == 'jaxgpt':
+    return all(_extra_installed(extra) for extra in req.extras)
+  try:
+    return req.specifier.contains(importlib.metadata.version(req.name), prereleases=True)
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
+def _extra_installed(extra: str) -> bool:
+  from packaging.requirements import Requirement
+  requires = importlib.metadata.requires('jaxgpt')
+  wanted = [r.split(';')[0] for r in requires if Requirement(r).marker and Requirement(r).marker.evaluate({'extra': extra})]
+  assert wanted, f"pyproject.toml has no extra {extra!r}"
+  missing = [r for r in wanted if not _requirement_met(r)]
+  assert not missing, f'the {extra!r} extra is not installed: {missing}'
+  return True
+
+
+def _this_checkout_installed_editable(command, flow) -> None:
+  direct_url = json.loads(importlib.metadata.distribution('jaxgpt').read_text('direct_url.json'))
+  assert direct_url['dir_info'].get('editable'), 'jaxgpt is not installed editable (pip install -e .)'
+  assert direct_url['url'].removeprefix('file://') == REPO, f'jaxgpt is installed from {direct_url["url"]}'
+  for extra in re.findall(r"\.\[([\w,]+)\]", command.text):
+    for name in extra.split(','):
+      _extra_installed(name)
+
+
+def _jax_within_the_pin(command, flow) -> None:
+  """`pip install -e . "jax[...]"` keeps JAX inside pyproject.toml's range: the one installed here is."""
+  pins = tomllib.load(open(os.path.join(REPO, 'pyproject.toml'), 'rb'))['project']['dependencies']
+  [jax_pin] = [p for p in pins if re.match(r'jax\b[^-]', p)]
+  assert _requirement_met(jax_pin), f'jax {importlib.metadata.version("jax")} is outside {jax_pin}'
+  _this_checkout_installed_editable(command, flow)
+
+
+def _pytest_collects_this_suite(command, flow) -> None:
+  options = tomllib.load(open(os.path.join(REPO, 'pyproject.toml'), 'rb'))['tool']['pytest']['ini_options']
+  assert options['testpaths'] == ['tests'] and os.path.dirname(os.path.abspath(__file__)) == os.path.join(REPO, 'tests')
+  _extra_installed('test')
+
+
+def _hub_cli_installed(command, flow) -> None:
+  assert shutil.which('hf', path=os.path.dirname(sys.executable)), 'huggingface_hub brings no `hf` command'
+
+
+def _download_fetches_what_jaxgpt_reads(command, flow) -> None:
+  args = shlex.split(command.text)
+  result = subprocess.run([args[0], args[1], '--help'], env={**os.environ, 'HF_HUB_OFFLINE': '1'},
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and '--local-dir' in result.stdout, result.stderr[-2000:]
+  # The files jaxgpt reads from a GPT-2 directory (tests/hf_models.py writes the same for the stand-in).
+  needed = {'config.json', 'model.safetensors', 'tokenizer.json'}
+  assert needed <= set(args) and needed <= set(os.listdir(os.path.join(flow.home, 'models', 'gpt2')))
+  assert args[args.index('--local-dir') + 1] == '~/models/gpt2'
+
+
+def config_of(command: str, env: dict):
+  """The config a `python -m jaxgpt.train ...` line loads (its --config and --config.* flags), validated."""
+  from absl import flags
+  from ml_collections import config_flags
+  from jaxgpt.config import validate
+  args = shlex.split(re.sub(r'\$(\w+)', lambda m: env[m.group(1)], command))
+  i = args.index('--config')
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=True)
+  values(['train', f'--config={os.path.join(REPO, args[i + 1])}', *(a for a in args if a.startswith('--config.'))])
+  validate(values.config)
+  return values.config
+
+
+def _several_nodes_config_is_valid(command, flow) -> None:
+  config = config_of(command.text, {'NODE_RANK': '0'})
+  d = config.distributed
+  assert re.fullmatch(r'[\w.]+:\d+', d.coordinator_address) and 0 <= d.process_id < d.num_processes == 4
+
+
+def _sbatch_nodes_match_the_mesh(command, flow) -> None:
+  """The job's nodes x GPUs per node are the devices the mesh of its srun line spans (checked by tools/plan.py)."""
+  from tools.plan import plan
+  script = open(os.path.join(REPO, command.page)).read()
+  nodes, gpus = (int(re.search(rf'#SBATCH --{name}=(\d+)', script).group(1)) for name in ('nodes', 'gpus-per-node'))
+  config = config_of(command.text.removeprefix('srun '), {'SLURM_JOB_ID': '1'})
+  assert plan(config, nodes * gpus)['mesh'] == {'data': nodes, 'fsdp': gpus, 'tensor': 1}
+
+
+def _page_command(page: str, pattern: str) -> str:
+  [text] = [c.text for c in doc_commands() if c.page == page and re.search(pattern, c.text)]
+  return text
+
+
+def _slice_is_the_planned_device_count(command, flow) -> None:
+  chips = int(re.search(r'--accelerator-type=v5litepod-(\d+)', command.text).group(1))
+  assert f'--devices {chips} ' in _page_command(command.page, r'tools/plan\.py')
+
+
+def _copied_where_training_reads(command, flow) -> None:
+  """gsutil's object is the file the training command reads through the bucket's mount."""
+  destination = command.text.split()[-1].replace('$BUCKET/', '/mnt/bucket/')
+  assert f'--config.data.path={destination}' in _page_command(command.page, r'^gcloud .*-m jaxgpt\.train')
+
+
+def _mounted_where_training_reads_and_writes(command, flow) -> None:
+  mount = command.text.split()[-1].rstrip("'")
+  train = _page_command(command.page, r'^gcloud .*-m jaxgpt\.train')
+  paths = re.findall(r'(?:--workdir |--config\.data\.(?:path|cache_dir)=)(\S+)', train)
+  assert len(paths) == 3 and all(p.startswith(mount + '/') for p in paths), paths
+
+
+def _exports_set_the_later_variables(command, flow) -> None:
+  exported = set(re.findall(r'(\w+)=', command.text))
+  used = {v for c in doc_commands() if c.page == command.page for v in re.findall(r'\$\{?(\w+)', c.text)}
+  assert used - {'USER'} <= exported, used - exported
+
+
+def _depth_sweep_compiles(command, flow) -> None:
+  """tools/bench.py's compile_seconds, scanned and unrolled, on a 2-layer model instead of 12 and 48."""
+  sys.path.insert(0, os.path.join(REPO, 'tools'))
+  import bench
+  for scan in (True, False):
+    config = bench.preset_config('tiny')
+    config.model.update(num_layers=2, embed_dim=32, num_heads=2, mlp_dim=64, scan_layers=scan)
+    config.data.vocab_size = 256
+    assert 0 < bench.compile_seconds(config) < 300
+
+
+# --- what the output of some commands must show ------------------------------------------------
+
+
+def _quickstart_trained(result, flow) -> None:
+  out = result.stdout
+  assert 'data: trained a 512-piece BPE tokenizer' in out
+  assert 'step 10/10 | loss' in out and 'tok/s | MFU' in out
+  assert 'step 10: validation loss' in out and 'perplexity' in out and 'bits/byte' in out
+  assert '--- sample, prompt' in out
+  assert os.listdir(os.path.join(flow.directory, 'runs', 'quickstart', 'tensorboard'))
+  # The compiled step is in the default persistent cache (~/.cache/jaxgpt/xla), for the restart.
+  assert any(n.startswith('jit_train_step') for n in os.listdir(os.path.join(flow.home, '.cache', 'jaxgpt', 'xla')))
+
+
+def _quickstart_resumed(result, flow) -> None:
+  out = result.stdout
+  assert 'data: reusing' in out and 'resumed from step 10' in out
+  assert 'step 11: compiled' in out and 'step 20/20 | loss' in out and 'step 5/' not in out
+  run = os.path.join(flow.directory, 'runs', 'quickstart')
+  assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['10', '20']
+  results = json.load(open(os.path.join(run, 'results.json')))
+  assert results['step'] == 20 and 2.0 < results['loss'] < 7.0  # below log(512) = 6.24 at random
+  assert 0.5 < results['bits_per_byte'] < 5.0
+
+
+def sampled(prompt: str, step: int | None = None):
+  """Checks `python -m jaxgpt.sample` output: the step, then the prompt continued by new text."""
+  def expect(result, flow):
+    out = result.stdout
+    assert re.match(r'# step (\d+) of ', out) and (step is None or out.startswith(f'# step {step} of ')), out[:200]
+    continuation = out.split(f'--- prompt: {prompt!r}\n', 1)[1]
+    assert continuation.startswith(prompt) and len(continuation.rstrip('\n')) > len(prompt)
+  return expect
+
+
+def _shown_output(result) -> str:
+  return next(c.shown_output for c in doc_commands() if c.key == result.label)
+
+
+def _labels_the_page_shows(result, flow) -> None:
+  """The output names the figures the page's output names (the figures differ: the page's run was longer)."""
+  for label in re.findall(r'[A-Za-z][A-Za-z0-9 -]*[A-Za-z0-9](?= [\d.,]+\b)', _shown_output(result)):
+    assert label in result.stdout, f'{label!r} is in the output the page shows, not in this one'
+
+
+def _evaluated_with_references(result, flow) -> None:
+  _labels_the_page_shows(result, flow)
+  assert 'results, samples.jsonl and samples.md in runs/tiny/eval/step_10' in result.stdout
+
+
+def _completion_like_the_page(result, flow) -> None:
+  shown = json.loads(_shown_output(result))
+  answer = json.loads(result.stdout)
+
+  def shape(value):
+    return {k: shape(v) for k, v in value.items()} if isinstance(value, dict) else (
+        [shape(v) for v in value[:1]] if isinstance(value, list) else type(value).__name__)
+  assert shape(answer) == shape(shown), f'{answer} has not the fields of the page\'s {shown}'
+  assert answer['usage']['completion_tokens'] <= 12 and answer['choices'][0]['finish_reason'] in ('length', 'stop')
+
+
+def _error_the_page_shows(result, flow) -> None:
+  assert json.loads(result.stdout) == json.loads(_shown_output(result))
+
+
+def _plan_fits(device: str):
+  def expect(result, flow):
+    assert re.search(rf'{re.escape(device)}\s+\d+ GiB: fits', result.stdout), result.stdout[-500:]
+  return expect
+
+
+def _prepared(reused: bool):
+  def expect(result, flow):
+    assert ('data: reusing' in result.stdout) == reused and 'dataset: ' in result.stdout
+  return expect
+
+
+def _sweep_rows(result, flow) -> None:
+  rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+  assert [r['variant'] for r in rows] == ['quickstart', 'lr-1e-2', 'width-192']
+  for row in rows:
+    assert row['steps'] >= 30 and row['params_M'] > 0 and 0 < row['bits_per_byte'] < 8
+    assert json.load(open(os.path.join(flow.directory, 'runs', 'sweep', row['variant'], 'results.json')))[
+        'step'] == row['steps']
+
+
+def _exported(directory: str):
+  def expect(result, flow):
+    assert {'config.json', 'model.safetensors', 'tokenizer.json'} <= set(
+        os.listdir(os.path.expanduser(directory))), os.listdir(os.path.expanduser(directory))
+  return expect
+
+
+def _loads_in_transformers(result, flow) -> None:
+  assert type(result.namespace['model']).__name__ == 'GPT2LMHeadModel'
+  assert result.namespace['tokenizer']('The quick')['input_ids']
+
+
+def _sharding_rule_overridden(result, flow) -> None:
+  from jaxgpt import sharding
+  rules = dict(sharding.logical_rules(result.namespace['c'].mesh))
+  assert rules['vocab'] is None and rules['act_vocab'] is None and rules['embed'] == 'fsdp'
+
+
+TABLE = {
+    'README.md': {
+        'pip install -e .': NotHere(
+            'installs into the shared environment, and fetches its build backend from the package index',
+            _this_checkout_installed_editable),
+        'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/quickstart': Run(
+            append(QUICKSTART_TINY), expect=_quickstart_trained),
+        "pip install -e '.[test]'": NotHere('needs the package index', _this_checkout_installed_editable),
+        'pytest': NotHere('the suite this test is part of', _pytest_collects_this_suite),
+        'python -m jaxgpt.sample --workdir runs/quickstart --prompt "def fibonacci(" --temperature 0.5': Run(
+            expect=sampled('def fibonacci(', step=10)),
+        'python -m jaxgpt.evaluate --workdir runs/tiny --references refs.jsonl --max_new_tokens 16': Run(
+            expect=_evaluated_with_references),
+        'python -m jaxgpt.sample --workdir runs/tiny --prompt "def main(" --max_new_tokens 24 --temperature 0.5': Run(
+            expect=sampled('def main(', step=10)),
+        'python -m jaxgpt.serve --workdir runs/tiny --port 8765': Serve(),
+        'curl -s localhost:8765/v1/completions -H \'Content-Type: application/json\' -d \'{"prompt": "import ", '
+        '"max_tokens": 12, "temperature": 0.7, "seed": 1}\'': Request(expect=_completion_like_the_page),
+        'curl -s localhost:8765/v1/completions -H \'Content-Type: application/json\' -d \'{"prompt": "import ", '
+        '"max_tokens": 500}\'': Request(expect=_error_the_page_shows),
+        "python -m jaxgpt.train --config configs/quickstart.py --workdir runs/mine_dir --config.data.source=dir "
+        "--config.data.path=~/my_texts --config.data.glob='**/*.md'": Run(append(QUICKSTART_TINY)),
+        'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/mine_jsonl --config.data.source=jsonl '
+        '--config.data.path=corpus.jsonl --config.data.text_field=text': Run(append(QUICKSTART_TINY)),
+        "python tools/plan.py --config configs/llama_1b.py --devices 16 --device 'TPU v5e'": Run(
+            expect=_plan_fits('TPU v5e')),
+    },
+    'docs/data.md': {
+        'python -m jaxgpt.prepare --config configs/quickstart.py': Run(append(STDLIB_DATA), expect=_prepared(True)),
+        'python -m jaxgpt.prepare --config configs/web_text.py --config.data.path=~/crawl': Run(
+            append(PROSE_DATA), expect=_prepared(False)),
+        'python -m jaxgpt.prepare --config configs/quickstart.py --config.data.source=jsonl '
+        '--config.data.path=chat.jsonl --config.data.instruction_field=prompt --config.data.response_field=answer': Run(
+            append(PROSE_DATA), expect=_prepared(False)),
+        'python tools/near_dup_recall.py': Run(NEAR_DUP_FEW),
+        'python tools/near_dup_recall.py --quickstart': Run(NEAR_DUP_FEW),
+    },
+    'docs/finetuning.md': {
+        'pip install -U huggingface_hub': NotHere('needs the package index', _hub_cli_installed),
+        'hf download gpt2 config.json model.safetensors tokenizer.json vocab.json merges.txt '
+        '--local-dir ~/models/gpt2': NotHere(
+            'downloads from the Hugging Face Hub; ~/models/gpt2 here is a tiny random GPT-2 (tests/hf_models.py)',
+            _download_fetches_what_jaxgpt_reads),
+        'python -m jaxgpt.convert --import_hf=~/models/gpt2 --workdir=runs/gpt2': Run(),
+        'python -m jaxgpt.sample --workdir runs/gpt2 --prompt "The meaning of life is" --temperature 0.7': Run(
+            expect=sampled('The meaning of life is', step=0)),
+        'python -m jaxgpt.train --config configs/finetune_gpt2.py:small --workdir runs/ft '
+        '--config.init_from=~/models/gpt2 --config.data.path=my_text.jsonl': Run(append(FINETUNE_TINY)),
+        'python -m jaxgpt.train --config configs/sft_alpaca.py:small --workdir runs/sft '
+        '--config.init_from=~/models/gpt2 --config.data.path=alpaca.jsonl': Run(append(FINETUNE_TINY)),
+        'python -m jaxgpt.convert --workdir=runs/sft --export_hf=~/models/gpt2-sft': Run(
+            expect=_exported('~/models/gpt2-sft')),
+        "import os from transformers import AutoModelForCausalLM, AutoTokenizer path = "
+        "os.path.expanduser('~/models/gpt2-sft') # from_pretrained does not expand ~ model = "
+        "AutoModelForCausalLM.from_pretrained(path) # GPT2LMHeadModel tokenizer = AutoTokenizer.from_pretrained(path)":
+            Snippet(expect=_loads_in_transformers),
+        'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora --config.init_from=~/models/gpt2 '
+        '--config.data.path=my_text.jsonl': Run(append(FINETUNE_TINY)),
+        'python -m jaxgpt.sample --workdir runs/lora --prompt "The meaning of life is"': Run(
+            expect=sampled('The meaning of life is', step=3)),
+        'python -m jaxgpt.convert --workdir=runs/lora --export_hf=~/models/gpt2-lora': Run(
+            expect=_exported('~/models/gpt2-lora')),
+    },
+    'docs/gpu.md': {
+        'pip install -e . "jax[cuda12]"': NotHere('CUDA wheels, for a machine with NVIDIA GPUs', _jax_within_the_pin),
+        'python tools/plan.py --config configs/gpt2.py:medium --devices 8 --device H100': Run(expect=_plan_fits('H100')),
+        'python -m jaxgpt.train --config configs/gpt2.py:medium --workdir /shared/runs/gpt2-medium '
+        '--config.data.source=jsonl --config.data.path=/shared/data/corpus.jsonl': Run(
+            append(GPT2_TINY, '--workdir=runs/gpt2-medium', *ON_THIS_MACHINE)),
+        'source ~/venv/bin/activate': Run(),
+        'cd ~/jaxgpt': Run(),
+        'srun python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b-$SLURM_JOB_ID '
+        '--config.distributed.auto=True --config.mesh.data=4 --config.mesh.fsdp=8 --config.optim.grad_accum_steps=8 '
+        '--config.data.source=jsonl --config.data.path=/shared/data/corpus.jsonl --config.data.cache_dir=/shared/cache':
+            NotHere('a SLURM job on 4 GPU nodes', _sbatch_nodes_match_the_mesh),
+        # One process with the 32 devices of the job (4 nodes x 8 GPUs), as fake CPU devices.
+        'python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b-$SLURM_JOB_ID '
+        '--config.distributed.auto=True --config.mesh.data=4 --config.mesh.fsdp=8 --config.optim.grad_accum_steps=8 '
+        '--config.data.source=jsonl --config.data.path=/shared/data/corpus.jsonl --config.data.cache_dir=/shared/cache':
+            Run(append(LLAMA_1B_TINY, '--workdir=runs/llama1b-srun', *ON_THIS_MACHINE),
+                env=(('SLURM_JOB_ID', '1'), ('XLA_FLAGS', '--xla_force_host_platform_device_count=32'))),
+        'python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b '
+        '--config.distributed.coordinator_address=10.0.0.1:1234 --config.distributed.num_processes=4 '
+        '--config.distributed.process_id=$NODE_RANK': NotHere(
+            'four nodes that reach a coordinator at 10.0.0.1 (tests/test_multihost.py runs two processes on one host)',
+            _several_nodes_config_is_valid),
+    },
+    'docs/performance.md': {
+        'python tools/bench.py --preset mid --preset tiny': Run(BENCH_ON_A_TINY_CONFIG),
+        'python tools/bench.py --sweep depth': NotHere(
+            'compiles 12 and 48 layers, scanned and unrolled: about a minute of CPU, more than the suite can spend, '
+            'and tools/bench.py has no flag for smaller depths', _depth_sweep_compiles),
+        'python tools/bench.py --preset mid --sweep remat --steps 5 --rounds 2': Run(BENCH_ON_A_TINY_CONFIG),
+        'python tools/bench.py --preset small --sweep remat': Run(BENCH_ON_A_TINY_CONFIG),
+        # README's run again: it resumes at step 10 and goes on to 20.
+        'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/quickstart': Run(
+            append({**QUICKSTART_TINY, 'train.num_steps': 20}), expect=_quickstart_resumed),
+        "python tools/sweep.py --config configs/quickstart.py --minutes 5 --workdir runs/sweep --variant 'quickstart:' "
+        "--variant 'lr-1e-2:optim.lr=1e-2' --variant 'width-192:model.embed_dim=192,model.mlp_dim=512'": Run(
+            append({**QUICKSTART_TINY, 'train.eval_every': 30, 'train.checkpoint_every': 30}, '--minutes', '0.001'),
+            expect=_sweep_rows),
+        'python tools/bench_sample.py': Run('--new_tokens 8 --max_len 64 --rounds 1'),
+    },
+    'docs/sharding.md': {
+        "c.mesh.rules = (('vocab', None), ('act_vocab', None))": Snippet(
+            before='from configs import quickstart\nc = quickstart.get_config()\n', expect=_sharding_rule_overridden),
+    },
+    'docs/tpu.md': {
+        'export PROJECT=my-project ZONE=us-west4-a TPU=jaxgpt-v5e BUCKET=gs://my-bucket': NotHere(
+            'sets the variables of the Cloud commands below', _exports_set_the_later_variables),
+        'gcloud compute tpus tpu-vm create $TPU --project=$PROJECT --zone=$ZONE --accelerator-type=v5litepod-16 '
+        '--version=v2-alpha-tpuv5-lite': NotHere('creates a Cloud TPU', _slice_is_the_planned_device_count),
+        'gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command=\' git clone '
+        'https://YOUR_GIT_HOST/jaxgpt.git && cd jaxgpt && python3 -m venv ~/venv && ~/venv/bin/pip install -U pip && '
+        '~/venv/bin/pip install -e . "jax[tpu]"\'': NotHere('installs on Cloud TPU VMs', _jax_within_the_pin),
+        'gsutil cp corpus.jsonl $BUCKET/data/corpus.jsonl': NotHere('writes to Cloud Storage',
+                                                                   _copied_where_training_reads),
+        "gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command=' sudo mkdir -p /mnt/bucket && sudo "
+        "chown $USER /mnt/bucket && gcsfuse --implicit-dirs '${BUCKET#gs://}' /mnt/bucket'": NotHere(
+            'mounts a Cloud Storage bucket on Cloud TPU VMs', _mounted_where_training_reads_and_writes),
+        "python tools/plan.py --config configs/llama_1b.py --devices 16 --device 'TPU v5e'": Run(
+            expect=_plan_fits('TPU v5e')),
+        "gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command=' cd jaxgpt && ~/venv/bin/python -m "
+        "jaxgpt.train --config configs/llama_1b.py \\ --workdir /mnt/bucket/runs/llama1b \\ "
+        "--config.distributed.auto=True \\ --config.data.source=jsonl --config.data.path=/mnt/bucket/data/corpus.jsonl "
+        "\\ --config.data.cache_dir=/mnt/bucket/cache \\ 2>&1 | tee ~/train.log'": NotHere(
+            'runs on Cloud TPU VMs; its jaxgpt command runs here as the next entry'),
+        '~/venv/bin/python -m jaxgpt.train --config configs/llama_1b.py --workdir /mnt/bucket/runs/llama1b '
+        '--config.distributed.auto=True --config.data.source=jsonl --config.data.path=/mnt/bucket/data/corpus.jsonl '
+        '--config.data.cache_dir=/mnt/bucket/cache 2>&1 | tee ~/train.log': Run(
+            append(LLAMA_1B_TINY, '--workdir=runs/llama1b', *ON_THIS_MACHINE)),
+    },
+}
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+
+def test_commands_are_read_as_a_shell_reads_them():
+  page = '\n'.join([
+      'Text with `inline code`.', '```bash', '# a comment line', 'python -m jaxgpt.train --config c.py \\',
+      "    --config.data.glob='**/*.md'   # trailing comment", 'pip install -e . && pytest', '```',
+      '```', '$ python -m jaxgpt.sample --workdir run \\', '    --prompt "a # b"', '# step 3 of run', 'output line',
+      '$ curl -s localhost:1/x -d \'{"a": 1}\'', '{"error": 1}', '```',
+      '```bash', "gcloud ssh vm --command='", '  cd jaxgpt && python -m jaxgpt.train --config c.py \\',
+      "    --workdir w 2>&1 | tee log' && echo ${A#gs://}", 'srun python tools/plan.py --devices 2', '```',
+      '```', 'not a command: an output block', '```', '```python', 'x = 1', '```'])
+  commands = commands_in('p.md', page)
+  assert [(c.line, c.key) for c in commands] == [
+      (4, "python -m jaxgpt.train --config c.py --config.data.glob='**/*.md'"), (6, 'pip install -e .'),
+      (6, 'pytest'), (9, 'python -m jaxgpt.sample --workdir run --prompt "a # b"'),
+      (13, 'curl -s localhost:1/x -d \'{"a": 1}\''),
+      (17, "gcloud ssh vm --command=' cd jaxgpt && python -m jaxgpt.train --config c.py \\ --workdir w 2>&1 | tee "
+           "log'"),
+      (17, 'python -m jaxgpt.train --config c.py --workdir w 2>&1 | tee log'), (19, 'echo ${A#gs://}'),
+      (20, 'srun python tools/plan.py --devices 2'), (20, 'python tools/plan.py --devices 2'), (26, 'x = 1')]
+  assert commands[3].shown_output == '# step 3 of run\noutput line' and commands[4].shown_output == '{"error": 1}'
+  assert commands[6].inside.startswith('gcloud ssh vm')
+  assert Run('--x=1').command('python a.py 2>&1 | tee log') == 'python a.py --x=1 2>&1 | tee log'
+
+
+def test_every_doc_command_is_in_the_table_and_every_entry_in_the_docs():
+  in_docs = {(c.page, c.key) for c in doc_commands()}
+  in_table = {(page, key) for page, entries in TABLE.items() for key in entries}
+  assert not in_docs - in_table, 'commands in the docs that TABLE does not say how to run:\n' + '\n'.join(
+      f'  {page}: {key!r}' for page, key in sorted(in_docs - in_table))
+  assert not in_table - in_docs, 'TABLE entries whose command is no longer in the docs:\n' + '\n'.join(
+      f'  {page}: {key!r}' for page, key in sorted(in_table - in_docs))
+  assert {page for page, _ in in_docs} == {page for pages in FLOWS.values() for page in pages}
+
+
+@pytest.mark.parametrize('page', [page for pages in FLOWS.values() for page in pages])
+def test_every_command_of_the_page_runs_as_written(page, command_runs):
+  flow_name = next(name for name, pages in FLOWS.items() if page in pages)
+  flow = command_runs.flow(flow_name)
+  steps = [s for s in flow.steps if s.command and s.command.page == page]
+  assert steps
+  failures = [f for f in (check_step(flow, s) for s in steps) if f]
+  assert not failures, f'{len(failures)} of {len(steps)} commands of {page} failed:\n\n' + '\n\n'.join(failures)

@@ -1,0 +1,184 @@
+"""Each config a user can run on a CPU, end to end at a tiny size: train, evaluate, sample, serve, export.
+
+Where a doc already trains a config, its run is reused: the steps here continue tests/test_docs.py's
+flows in the same sandboxes (README's quickstart run, docs/finetuning.md's fine-tune, SFT and LoRA
+runs, docs/data.md's prepared prose), so no config is trained twice. configs/llama_tiny.py, which
+no page trains, gets a flow of its own. Every command must exit 0 and print finite figures.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from test_docs import (FINETUNE_TINY, PROSE_DATA, QUICKSTART_TINY, Request, Run, Serve, Step, append, check_step,
+                       home_as)
+
+SIZES = {k: v for k, v in QUICKSTART_TINY.items() if not k.startswith('data.')}
+
+
+def _serve_and_ask(run: str, prompt: str) -> list[Step]:
+  """`python -m jaxgpt.serve` on a free port ({port}: chosen when it starts), and one completion request."""
+  return [Step(f'{run}: serve', f'python -m jaxgpt.serve --workdir {run} --port {{port}}', Serve()),
+          Step(f'{run}: one request', f"curl -s localhost:{{port}}/v1/completions -H 'Content-Type: application/json' "
+                                      f"-d '{{\"prompt\": \"{prompt}\", \"max_tokens\": 8, \"seed\": 1}}'", Request())]
+
+
+def _evaluate(run: str) -> Step:
+  return Step(f'{run}: evaluate', f'python -m jaxgpt.evaluate --workdir {run}', Run(expect=_no_tokenizer_trained))
+
+
+def _no_tokenizer_trained(result, flow) -> None:
+  # Evaluating a fine-tuned run once retrained a SentencePiece tokenizer on the held-out text.
+  assert 'trained a' not in result.stdout + result.stderr and 'on the held-out split' in result.stdout
+
+
+def _refused(message: str):
+  def expect(result, flow):
+    assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  return expect
+
+
+def _two_prompts_continued(result, flow) -> None:
+  out = result.stdout
+  assert out.startswith('# step 10 of runs/llama_tiny')
+  first, second = out.split("--- prompt: 'def main('\n", 1)[1].split("--- prompt: 'import'\n")
+  assert first.startswith('def main(') and len(first) > len('def main(\n') and second.startswith('import')
+
+
+def _data_reused(result, flow) -> None:
+  assert 'data: reusing' in result.stdout  # docs/data.md's prepare command built it
+
+
+# The run each export came from, and where it went. The quickstart's and web_text's runs have SentencePiece
+# tokenizers, which Hugging Face export refuses (it needs a byte-level BPE).
+EXPORTS = {'finetune_gpt2': ('finetuning', 'runs/ft', 'exported/ft'),
+           'sft_alpaca': ('finetuning', 'runs/sft', '~/models/gpt2-sft'),
+           'lora': ('finetuning', 'runs/lora', '~/models/gpt2-lora'),
+           'llama_tiny': ('llama_tiny', 'runs/llama_tiny', 'exported/llama_tiny')}
+
+CHAINS = {
+    'quickstart': [
+        # Moved from tests/test_cli.py: the run README's commands made refuses data it was not trained on.
+        Step('resuming with other data settings is refused',
+             'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/quickstart --config.data.source=jsonl '
+             f'--config.data.path=corpus.jsonl {append({**QUICKSTART_TINY, "train.num_steps": 30})}',
+             Run(exit_code=2, expect=_refused('different tokenizer'))),
+    ],
+    'finetuning': [
+        _evaluate('runs/ft'),
+        Step('runs/ft: sample', 'python -m jaxgpt.sample --workdir runs/ft --prompt "The quick"', Run()),
+        *_serve_and_ask('runs/ft', 'The quick'),
+        Step('runs/ft: export', 'python -m jaxgpt.convert --workdir=runs/ft --export_hf=exported/ft', Run()),
+        _evaluate('runs/sft'),
+        # The page's own sample command for the SFT run (inline in docs/finetuning.md).
+        Step('runs/sft: sample', "python -m jaxgpt.sample --workdir runs/sft --prompt "
+                                 "$'<|user|>\\nName three colours.\\n<|assistant|>\\n' --stop '<|end|>'", Run()),
+        *_serve_and_ask('runs/sft', '<|user|>\\nUpper-case the word.\\n\\nfox\\n<|assistant|>\\n'),
+        _evaluate('runs/lora'),
+        *_serve_and_ask('runs/lora', 'The quick'),
+        # Moved from tests/test_finetune.py: a shape other than the base model's is refused, naming the field.
+        Step('fine-tuning another shape is refused',
+             'python -m jaxgpt.train --config configs/finetune_gpt2.py --workdir runs/bad --config.init_from=~/models/gpt2 '
+             f'--config.data.path=my_text.jsonl {append({**FINETUNE_TINY, "model.embed_dim": 64})}',
+             Run(exit_code=2, expect=_refused('embed_dim: base 32, config 64'))),
+    ],
+    'data': [
+        # configs/web_text.py's own command, on docs/data.md's prepared prose.
+        Step('runs/web: train', 'python -m jaxgpt.train --config configs/web_text.py --config.data.path=~/crawl '
+                                f'--workdir runs/web {append({**SIZES, **PROSE_DATA})}', Run(expect=_data_reused)),
+        _evaluate('runs/web'),
+        Step('runs/web: sample', 'python -m jaxgpt.sample --workdir runs/web --prompt "The "', Run()),
+        *_serve_and_ask('runs/web', 'The '),
+    ],
+    'llama_tiny': [
+        # Trained with the tiny GPT-2's byte-level BPE, so that the Llama-shaped run exports to Hugging Face.
+        Step('runs/llama_tiny: train', 'python -m jaxgpt.train --config configs/llama_tiny.py --workdir runs/llama_tiny '
+             + append({**{k: v for k, v in QUICKSTART_TINY.items() if k != 'model.num_heads'},
+                       'data.tokenizer.kind': 'byte_bpe', 'data.tokenizer.path': '~/models/gpt2/tokenizer.json'}),
+             Run()),
+        _evaluate('runs/llama_tiny'),
+        # Moved from tests/test_cli.py: several prompts, each continued.
+        Step('runs/llama_tiny: sample', 'python -m jaxgpt.sample --workdir runs/llama_tiny --prompt "def main(" '
+                                        '--prompt import --max_new_tokens 12 --temperature 0',
+             Run(expect=_two_prompts_continued)),
+        *_serve_and_ask('runs/llama_tiny', 'def '),
+        Step('runs/llama_tiny: export',
+             'python -m jaxgpt.convert --workdir=runs/llama_tiny --export_hf=exported/llama_tiny', Run()),
+    ],
+}
+
+# Per config: the flow, and the labels of its steps (the docs' commands by their text).
+README_TRAIN = 'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/quickstart'
+FINETUNE_DOC = {
+    'finetune_gpt2': 'python -m jaxgpt.train --config configs/finetune_gpt2.py:small --workdir runs/ft '
+                     '--config.init_from=~/models/gpt2 --config.data.path=my_text.jsonl',
+    'sft_alpaca': 'python -m jaxgpt.train --config configs/sft_alpaca.py:small --workdir runs/sft '
+                  '--config.init_from=~/models/gpt2 --config.data.path=alpaca.jsonl',
+    'lora': 'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora --config.init_from=~/models/gpt2 '
+            '--config.data.path=my_text.jsonl',
+}
+CONFIGS = {
+    'quickstart': ('quickstart', [
+        README_TRAIN, 'python -m jaxgpt.evaluate --workdir runs/tiny --references refs.jsonl --max_new_tokens 16',
+        'python -m jaxgpt.sample --workdir runs/quickstart --prompt "def fibonacci(" --temperature 0.5',
+        'python -m jaxgpt.serve --workdir runs/tiny --port 8765',
+        'curl -s localhost:8765/v1/completions -H \'Content-Type: application/json\' -d \'{"prompt": "import ", '
+        '"max_tokens": 12, "temperature": 0.7, "seed": 1}\'']),
+    'llama_tiny': ('llama_tiny', [s.label for s in CHAINS['llama_tiny']]),
+    'finetune_gpt2': ('finetuning', [FINETUNE_DOC['finetune_gpt2'], *(s.label for s in CHAINS['finetuning'][:5])]),
+    'sft_alpaca': ('finetuning', [FINETUNE_DOC['sft_alpaca'], *(s.label for s in CHAINS['finetuning'][5:9]),
+                                  'python -m jaxgpt.convert --workdir=runs/sft --export_hf=~/models/gpt2-sft']),
+    'lora': ('finetuning', [FINETUNE_DOC['lora'], *(s.label for s in CHAINS['finetuning'][9:12]),
+                            'python -m jaxgpt.sample --workdir runs/lora --prompt "The meaning of life is"',
+                            'python -m jaxgpt.convert --workdir=runs/lora --export_hf=~/models/gpt2-lora']),
+    'web_text': ('data', ['python -m jaxgpt.prepare --config configs/web_text.py --config.data.path=~/crawl',
+                          *(s.label for s in CHAINS['data'])]),
+}
+
+
+def test_every_config_a_cpu_runs_is_here():
+  for_clusters = {'gpt2', 'llama_1b'}  # trained tiny by tests/test_docs.py (docs/gpu.md, docs/tpu.md)
+  assert {f[:-3] for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py')} == {*CONFIGS, *for_clusters}
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_config_trains_evaluates_samples_serves_and_exports(config, command_runs):
+  flow_name, labels = CONFIGS[config]
+  flow = command_runs.flow(flow_name)
+  by_label = {s.label: s for s in flow.steps}
+  failures = [f for f in (check_step(flow, by_label[label]) for label in labels) if f]
+  assert not failures, f'{len(failures)} of {len(labels)} steps failed:\n\n' + '\n\n'.join(failures)
+  ran = ' '.join(by_label[label].text for label in labels)
+  assert all(f'-m jaxgpt.{command} ' in ran for command in ('train', 'evaluate', 'sample', 'serve'))
+
+
+@pytest.mark.parametrize('label', ['resuming with other data settings is refused',
+                                   'fine-tuning another shape is refused'])
+def test_a_run_refuses_what_it_was_not_made_for(label, command_runs):
+  flow = command_runs.flow(next(name for name, steps in CHAINS.items() if any(s.label == label for s in steps)))
+  failure = check_step(flow, next(s for s in flow.steps if s.label == label))
+  assert not failure, failure
+
+
+@pytest.mark.parametrize('config', EXPORTS)
+def test_export_loads_in_transformers_with_the_logits_of_the_run(config, command_runs):
+  """Moved from tests/test_finetune.py, for every exported run: Hugging Face computes what jaxgpt computes."""
+  import jax.numpy as jnp
+  import torch
+  import transformers
+  from jaxgpt import state
+  flow_name, run, exported = EXPORTS[config]
+  flow = command_runs.flow(flow_name)
+  with home_as(flow.home):  # a LoRA run reads its base model from ~/models/gpt2
+    run, exported = os.path.join(flow.directory, run), os.path.join(flow.directory, os.path.expanduser(exported))
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    run_config, tokenizer = state.load_run(run)
+    jax_model, params, _ = state.load_params(run_config, tokenizer, run)
+  assert type(model).__name__ == ('LlamaForCausalLM' if config == 'llama_tiny' else 'GPT2LMHeadModel')
+  ids = [tokenizer.encode('the lazy dog jumps')]
+  assert transformers.AutoTokenizer.from_pretrained(exported)('the lazy dog jumps')['input_ids'] == ids[0]
+  with torch.no_grad():
+    theirs = model(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, np.asarray(jax_model.apply({'params': params}, jnp.array(ids))), atol=1e-4)
