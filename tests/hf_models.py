@@ -39,15 +39,16 @@ def save_tokenizer(directory: str, vocab_size: int = 320) -> int:
 
 
 def save_gpt2(directory: str, layers: int = 2, heads: int = 2, width: int = 32, positions: int = 64,
-              vocab_size: int = 320):
+              vocab_size: int = 320, init_std: float = 0.02):
   """A random GPT2LMHeadModel with its tokenizer in `directory`; returns the model (eval mode).
 
-  vocab_size below 258 leaves no room for merges: one token per byte.
+  vocab_size below 258 leaves no room for merges: one token per byte. init_std is the weights' spread:
+  GPT-2's 0.02 keeps activations so small that, say, the exact GELU for the tanh one moves logits by 4e-7.
   """
   _, transformers = require_transformers()
   vocab = save_tokenizer(directory, vocab_size)
   config = transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers,
-                                   n_head=heads, bos_token_id=0, eos_token_id=0)
+                                   n_head=heads, bos_token_id=0, eos_token_id=0, initializer_range=init_std)
   model = transformers.GPT2LMHeadModel(config).eval()
   _randomize_norms(model)
   model.save_pretrained(directory)
@@ -55,14 +56,15 @@ def save_gpt2(directory: str, layers: int = 2, heads: int = 2, width: int = 32, 
 
 
 def save_llama(directory: str, layers: int = 2, heads: int = 4, kv_heads: int = 2, width: int = 32,
-               tie: bool = False):
+               tie: bool = False, init_std: float = 0.02):
   """A random LlamaForCausalLM (grouped-query attention) with its tokenizer in `directory`."""
   _, transformers = require_transformers()
   vocab = save_tokenizer(directory)
   config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width,
                                     num_hidden_layers=layers, num_attention_heads=heads,
                                     num_key_value_heads=kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5,
-                                    rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
+                                    rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0,
+                                    initializer_range=init_std)
   model = transformers.LlamaForCausalLM(config).eval()
   _randomize_norms(model)
   model.save_pretrained(directory)

@@ -4,7 +4,9 @@ of the same global batches.
 
   python multihost_losses.py PROCESS_ID NUM_PROCESSES PORT CHECKPOINT_DIR
 
-Prints one JSON line: {"losses": [...], "after_restore": loss, "process": id}.
+Prints one JSON line: {"losses": [...], "after_restore": loss, "uninterrupted": loss, "untrained": loss,
+"process": id, "devices": n}: the 4th batch's loss from the restored state, from the state that was saved,
+and from a fresh initialisation.
 """
 
 import json
@@ -42,6 +44,7 @@ def main():
   config.seq_len, config.batch_size = SEQ, BATCH
   config.model.update(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=128, max_len=SEQ)
   config.mesh.update(data=2, fsdp=-1, tensor=1)
+  config.optim.warmup_steps = 1  # full-size updates: 3 steps move the loss well beyond the tolerances
   mesh = sharding.make_mesh(config.mesh)
   model = state_lib.build_model(config, VOCAB)
   tx = make_optimizer(config.optim, 10)
@@ -60,10 +63,12 @@ def main():
   checkpointer.wait()
   restored = checkpointer.restore(3, state_lib.abstract_state(model, tx, SEQ, mesh))
   checkpointer.close()
+  fresh = state_lib.create_state(model, tx, SEQ, mesh, jax.random.key(0))
+  fourth = {}
   with sharding.activation_rules(mesh):
-    _, metrics = step(restored, sharding.global_batch(local_rows(3), mesh))
-  print(json.dumps({'losses': losses, 'after_restore': float(metrics['loss']), 'process': jax.process_index(),
-                    'devices': jax.device_count()}))
+    for name, start in (('after_restore', restored), ('uninterrupted', state), ('untrained', fresh)):
+      fourth[name] = float(step(start, sharding.global_batch(local_rows(3), mesh))[1]['loss'])
+  print(json.dumps({'losses': losses, **fourth, 'process': jax.process_index(), 'devices': jax.device_count()}))
 
 
 if __name__ == '__main__':

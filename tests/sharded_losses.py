@@ -52,6 +52,13 @@ def setup(mesh_shape, seq=SEQ, attention='auto'):
   return mesh, model, tx, abstract, step
 
 
+def checksums(x, seed: int) -> list[float]:
+  """Sum of |x|, and x weighted by fixed random numbers: unlike the first, the second changes when values
+  move between positions (a shard placed at the wrong offset) or updates have the wrong sign."""
+  flat = np.asarray(x, np.float64).ravel()
+  return [float(np.abs(flat).sum()), float(np.random.default_rng(seed).standard_normal(flat.size) @ flat)]
+
+
 def run(mesh_shape, checkpoint_dir=None):
   mesh, model, tx, _, step = setup(mesh_shape)
   state = state_lib.create_state(model, tx, SEQ, mesh, jax.random.key(0))
@@ -64,7 +71,7 @@ def run(mesh_shape, checkpoint_dir=None):
     checkpointer = Checkpointer(checkpoint_dir, keep=1)
     checkpointer.save(3, state, None, {})
     checkpointer.wait()
-  params = [float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(state.params)]
+  params = [checksums(x, i) for i, x in enumerate(jax.tree.leaves(state.params))]
   with sharding.activation_rules(mesh):
     state, metrics = step(state, sharding.global_batch(batch(3), mesh))
   fourth_loss = float(metrics['loss'])

@@ -15,6 +15,9 @@ from jaxgpt.config import JaxgptError, base_config
 from jaxgpt.data.tokenizer import load_byte_level_bpe
 
 IDS = [[5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 0, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+# Weights ten times GPT-2's init spread, so that activations are O(1) and a subtly wrong computation (the exact
+# GELU for the tanh one: 1e-3 here, 4e-7 at the usual spread) shows above atol=1e-4; float noise is 3e-6.
+WIDE = 0.2
 
 
 def _jaxgpt_logits(workdir):
@@ -25,7 +28,7 @@ def _jaxgpt_logits(workdir):
 
 @pytest.mark.parametrize('save', [save_gpt2, save_llama], ids=['gpt2', 'llama'])
 def test_imported_model_gives_the_logits_of_transformers(tmp_path, save):
-  reference = save(str(tmp_path / 'hf'))
+  reference = save(str(tmp_path / 'hf'), init_std=WIDE)
   convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'))
   np.testing.assert_allclose(_jaxgpt_logits(str(tmp_path / 'run')), hf_logits(reference, IDS), atol=1e-4, rtol=0)
 
@@ -34,11 +37,16 @@ def test_a_bfloat16_checkpoint_imports(tmp_path):
   """Most published Llama checkpoints store bf16 tensors; they import as exact float32 values."""
   import torch
   directory = str(tmp_path / 'hf')
-  model = save_llama(directory).to(torch.bfloat16)
+  model = save_llama(directory, init_std=WIDE).to(torch.bfloat16)
   model.save_pretrained(directory)  # the same weights again, stored as bf16
   assert {str(t.dtype) for t in load_file(os.path.join(directory, 'model.safetensors')).values()} == {'bfloat16'}
   convert.import_hf(directory, str(tmp_path / 'run'))
-  np.testing.assert_allclose(_jaxgpt_logits(str(tmp_path / 'run')), hf_logits(model.float(), IDS), atol=1e-4, rtol=0)
+  # The reference: those bf16 weights in a float32 model (model.float() would keep RoPE's frequencies
+  # rounded to bf16 by .to(), 2e-3 off in the logits).
+  _, transformers = require_transformers()
+  reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+  assert all(p.dtype == torch.float32 for p in reference.parameters())
+  np.testing.assert_allclose(_jaxgpt_logits(str(tmp_path / 'run')), hf_logits(reference, IDS), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize('arch', ['gpt2', 'llama'])
@@ -58,7 +66,7 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, arc
                         is_leaf=lambda x: hasattr(x, 'unbox'))
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(treedef, [x + WIDE * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   state.save_initial_run(config, tokenizer, params, str(tmp_path / 'run'))
   out = convert.export_hf(str(tmp_path / 'run'), str(tmp_path / 'hf'))
 

@@ -241,7 +241,7 @@ FINETUNE_TINY = {'model.num_layers': 2, 'model.num_heads': 2, 'model.embed_dim':
 CLUSTER_TINY = {'seq_len': 32, 'data.vocab_size': 512, 'data.num_workers': 1, 'model.num_layers': 2,
                 'model.embed_dim': 32, 'model.mlp_dim': 64, 'model.max_len': 64, 'optim.warmup_steps': 1,
                 'train.num_steps': 2, 'train.log_every': 1, 'train.eval_every': 2, 'train.eval_batches': 1,
-                'train.checkpoint_every': 2, 'train.peak_flops_per_device': 1e11, 'sample.max_new_tokens': 8}
+                'train.checkpoint_every': 2, 'train.peak_flops_per_device': 1e11, 'sample.prompts': '()'}
 LLAMA_1B_TINY = {**CLUSTER_TINY, 'model.num_heads': 4, 'model.num_kv_heads': 2}
 GPT2_TINY = {**CLUSTER_TINY, 'model.num_heads': 2}
 # A cluster's shared filesystem, here: the sandbox's own paths.
@@ -350,6 +350,15 @@ class Step:
   entry: object  # Run, Serve, Request, Snippet or NotHere
   command: Command | None = None
 
+  @property
+  def name(self) -> str:
+    """Unique in a flow: a page's command may be another page's too (README's and performance.md's quickstart)."""
+    return doc_step(self.command.page, self.label) if self.command else self.label
+
+
+def doc_step(page: str, key: str) -> str:
+  return f'{page}: {key}'
+
 
 @dataclasses.dataclass
 class Flow:
@@ -357,12 +366,8 @@ class Flow:
   directory: str
   home: str
   steps: list
-  results: dict = dataclasses.field(default_factory=dict)  # label -> Result
+  results: dict = dataclasses.field(default_factory=dict)  # step name -> Result
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-  def result(self, label: str) -> Result:
-    assert self.done.wait(timeout=3600), f'flow {self.name} did not finish'
-    return self.results[label]
 
 
 # The pages whose commands share a sandbox, in order; README's quickstart run is performance.md's too.
@@ -384,7 +389,7 @@ class CommandRuns:
   """The flows of the docs (and their end-to-end continuations), run in the background on creation."""
 
   def __init__(self, root: str, chains: dict[str, list[Step]]):
-    self.home = os.path.join(root, 'home')
+    self.home, self.xla_cache = os.path.join(root, 'home'), os.path.join(root, 'xla')
     make_home(self.home)
     commands = doc_commands()
     self.flows = {}
@@ -412,6 +417,13 @@ class CommandRuns:
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
+    import resource
+    with open('/tmp/e2e_try/timings.txt', 'w') as f:
+      ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+      f.write(f'all children cpu {ru.ru_utime + ru.ru_stime:.1f}\n')
+      for flow in self.flows.values():
+        for label, r in flow.results.items():
+          f.write(f'{flow.name:12} {r.seconds:7.1f}s wall {getattr(r, "cpu", 0):7.1f}s cpu  {label[:110]}\n')
 
   def _run_lane(self, flows: list[Flow]) -> None:
     for flow in flows:
@@ -423,7 +435,11 @@ class CommandRuns:
   def env(self, entry) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ('JAXGPT_API_KEY', 'XLA_FLAGS')}
     return {**env, 'HOME': self.home, 'PATH': f'{os.path.dirname(sys.executable)}:{env["PATH"]}',
-            'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1', **dict(getattr(entry, 'env', ()))}
+            'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1',
+            # Commands that compile what an earlier one did (tools/bench.py's remat sweeps, sample after
+            # evaluate) load it; jaxgpt.train keeps its own cache (~/.cache/jaxgpt/xla), checked below.
+            'JAX_COMPILATION_CACHE_DIR': self.xla_cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+            **dict(getattr(entry, 'env', ()))}
 
   def _run_flow(self, flow: Flow) -> None:
     server = port = None
@@ -437,23 +453,28 @@ class CommandRuns:
       if isinstance(step.entry, NotHere):
         continue  # checked by the test, in the test's process
       if isinstance(step.entry, Snippet):
-        flow.results[step.label] = self._exec(step, flow)
+        flow.results[step.name] = self._exec(step, flow)
       elif isinstance(step.entry, Serve):
-        server, flow.results[step.label] = self._start(step, flow)
+        server, flow.results[step.name] = self._start(step, flow)
       else:
-        flow.results[step.label] = self._run(step, flow)
+        flow.results[step.name] = self._run(step, flow)
     if server:
       self._stop(server)
 
   def _run(self, step: Step, flow: Flow) -> Result:
     command = step.entry.command(step.text)
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     try:
       done = subprocess.run(['bash', '-o', 'pipefail', '-c', command], cwd=flow.directory, env=self.env(step.entry),
                             capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as e:
       return Result(step.label, command, error=f'timed out after {e.timeout} s')
-    return Result(step.label, command, done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = Result(step.label, command, done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
+    r.cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return r
 
   def _exec(self, step: Step, flow: Flow) -> Result:
     namespace = {}
@@ -522,7 +543,7 @@ def check_step(flow: Flow, step: Step) -> str:
         with home_as(flow.home):
           entry.check(step.command, flow)
       return ''
-    result = flow.results[step.label]
+    result = flow.results[step.name]
     if isinstance(entry, Snippet):
       assert not result.error, result.error
     else:
@@ -534,7 +555,7 @@ def check_step(flow: Flow, step: Step) -> str:
       with home_as(flow.home):
         entry.expect(result, flow)
   except AssertionError as e:
-    result = flow.results.get(step.label)
+    result = flow.results.get(step.name)
     return f'{where}{step.label}\n  {e}' + (f'\n  ran: {result.command}\n{result.tail()}' if result else '')
   return ''
 
@@ -564,9 +585,9 @@ def _extra_installed(extra: str) -> bool:
 
 
 def _this_checkout_installed_editable(command, flow) -> None:
-  direct_url = json.loads(importlib.metadata.distribution('jaxgpt').read_text('direct_url.json'))
-  assert direct_url['dir_info'].get('editable'), 'jaxgpt is not installed editable (pip install -e .)'
-  assert direct_url['url'].removeprefix('file://') == REPO, f'jaxgpt is installed from {direct_url["url"]}'
+  installs = [json.loads(d.read_text('direct_url.json') or '{}') for d in importlib.metadata.distributions(name='jaxgpt')]
+  assert {'url': f'file://{REPO}', 'dir_info': {'editable': True}} in installs, f'jaxgpt is not this checkout, '\
+      f'installed editable (pip install -e .): {installs}'
   for extra in re.findall(r"\.\[([\w,]+)\]", command.text):
     for name in extra.split(','):
       _extra_installed(name)
@@ -601,37 +622,34 @@ def _download_fetches_what_jaxgpt_reads(command, flow) -> None:
   assert args[args.index('--local-dir') + 1] == '~/models/gpt2'
 
 
-def config_of(command: str, env: dict):
-  """The config a `python -m jaxgpt.train ...` line loads (its --config and --config.* flags), validated."""
-  from absl import flags
-  from ml_collections import config_flags
-  from jaxgpt.config import validate
+def plan(command: str, devices: int, env: dict) -> str:
+  """tools/plan.py's output for the config of a `python -m jaxgpt.train ...` line: it loads the config
+  and its --config.* overrides as training does (absl), and resolves and checks the mesh on `devices`."""
   args = shlex.split(re.sub(r'\$(\w+)', lambda m: env[m.group(1)], command))
-  i = args.index('--config')
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=True)
-  values(['train', f'--config={os.path.join(REPO, args[i + 1])}', *(a for a in args if a.startswith('--config.'))])
-  validate(values.config)
-  return values.config
+  config = args[args.index('--config') + 1]
+  done = subprocess.run([sys.executable, 'tools/plan.py', '--config', config, '--devices', str(devices),
+                         *(a for a in args if a.startswith('--config.'))],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return done.stdout
 
 
 def _several_nodes_config_is_valid(command, flow) -> None:
-  config = config_of(command.text, {'NODE_RANK': '0'})
-  d = config.distributed
-  assert re.fullmatch(r'[\w.]+:\d+', d.coordinator_address) and 0 <= d.process_id < d.num_processes == 4
+  plan(command.text, 32, {'NODE_RANK': '0'})
+  settings = dict(re.findall(r'--config\.distributed\.(\w+)=(\S+)', command.text))
+  assert re.fullmatch(r'[\w.]+:\d+', settings['coordinator_address']) and settings['num_processes'] == '4'
 
 
 def _sbatch_nodes_match_the_mesh(command, flow) -> None:
-  """The job's nodes x GPUs per node are the devices the mesh of its srun line spans (checked by tools/plan.py)."""
-  from tools.plan import plan
+  """The job's nodes x GPUs per node are the devices the mesh of its srun line spans."""
   script = open(os.path.join(REPO, command.page)).read()
   nodes, gpus = (int(re.search(rf'#SBATCH --{name}=(\d+)', script).group(1)) for name in ('nodes', 'gpus-per-node'))
-  config = config_of(command.text.removeprefix('srun '), {'SLURM_JOB_ID': '1'})
-  assert plan(config, nodes * gpus)['mesh'] == {'data': nodes, 'fsdp': gpus, 'tensor': 1}
+  output = plan(command.text.removeprefix('srun '), nodes * gpus, {'SLURM_JOB_ID': '1'})
+  assert f"mesh {{'data': {nodes}, 'fsdp': {gpus}, 'tensor': 1}} on {nodes * gpus} devices" in output, output
 
 
 def _page_command(page: str, pattern: str) -> str:
-  [text] = [c.text for c in doc_commands() if c.page == page and re.search(pattern, c.text)]
+  [text] = [c.text for c in doc_commands() if c.page == page and re.search(pattern, c.text, re.S)]
   return text
 
 
@@ -720,14 +738,20 @@ def _evaluated_with_references(result, flow) -> None:
   assert 'results, samples.jsonl and samples.md in runs/tiny/eval/step_10' in result.stdout
 
 
-def _completion_like_the_page(result, flow) -> None:
-  shown = json.loads(_shown_output(result))
-  answer = json.loads(result.stdout)
+def _fields_missing(shown, answer, where='') -> list[str]:
+  """The fields of `shown` (recursively) that `answer` lacks or holds as another type."""
+  if isinstance(shown, dict) and isinstance(answer, dict):
+    return [f for k, v in shown.items() for f in (
+        _fields_missing(v, answer[k], f'{where}.{k}') if k in answer else [f'{where}.{k}'])]
+  if isinstance(shown, list) and isinstance(answer, list):
+    return [f for s, a in zip(shown, answer) for f in _fields_missing(s, a, f'{where}[]')]
+  return [] if type(shown) is type(answer) or shown is None or answer is None else [f'{where} ({type(answer).__name__})']
 
-  def shape(value):
-    return {k: shape(v) for k, v in value.items()} if isinstance(value, dict) else (
-        [shape(v) for v in value[:1]] if isinstance(value, list) else type(value).__name__)
-  assert shape(answer) == shape(shown), f'{answer} has not the fields of the page\'s {shown}'
+
+def _completion_like_the_page(result, flow) -> None:
+  answer = json.loads(result.stdout)
+  assert not _fields_missing(json.loads(_shown_output(result)), answer), (
+      f'fields the page shows are not in the answer: {_fields_missing(json.loads(_shown_output(result)), answer)}')
   assert answer['usage']['completion_tokens'] <= 12 and answer['choices'][0]['finish_reason'] in ('length', 'stop')
 
 
@@ -873,7 +897,8 @@ TABLE = {
             append({**QUICKSTART_TINY, 'train.num_steps': 20}), expect=_quickstart_resumed),
         "python tools/sweep.py --config configs/quickstart.py --minutes 5 --workdir runs/sweep --variant 'quickstart:' "
         "--variant 'lr-1e-2:optim.lr=1e-2' --variant 'width-192:model.embed_dim=192,model.mlp_dim=512'": Run(
-            append({**QUICKSTART_TINY, 'train.eval_every': 30, 'train.checkpoint_every': 30}, '--minutes', '0.001'),
+            append({**QUICKSTART_TINY, 'train.eval_every': 30, 'train.checkpoint_every': 30, 'sample.prompts': '()'},
+                   '--minutes', '0.001'),
             expect=_sweep_rows),
         'python tools/bench_sample.py': Run('--new_tokens 8 --max_len 64 --rounds 1'),
     },

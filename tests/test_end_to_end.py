@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from test_docs import (FINETUNE_TINY, PROSE_DATA, QUICKSTART_TINY, Request, Run, Serve, Step, append, check_step,
-                       home_as)
+                       doc_step, home_as)
 
 SIZES = {k: v for k, v in QUICKSTART_TINY.items() if not k.startswith('data.')}
 
@@ -109,32 +109,39 @@ CHAINS = {
     ],
 }
 
-# Per config: the flow, and the labels of its steps (the docs' commands by their text).
-README_TRAIN = 'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/quickstart'
-FINETUNE_DOC = {
-    'finetune_gpt2': 'python -m jaxgpt.train --config configs/finetune_gpt2.py:small --workdir runs/ft '
-                     '--config.init_from=~/models/gpt2 --config.data.path=my_text.jsonl',
-    'sft_alpaca': 'python -m jaxgpt.train --config configs/sft_alpaca.py:small --workdir runs/sft '
-                  '--config.init_from=~/models/gpt2 --config.data.path=alpaca.jsonl',
-    'lora': 'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora --config.init_from=~/models/gpt2 '
-            '--config.data.path=my_text.jsonl',
-}
+# Per config: its flow, and the names of its steps there (a doc command's: its page and text).
+README = {key: doc_step('README.md', key) for key in (
+    'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/quickstart',
+    'python -m jaxgpt.evaluate --workdir runs/tiny --references refs.jsonl --max_new_tokens 16',
+    'python -m jaxgpt.sample --workdir runs/quickstart --prompt "def fibonacci(" --temperature 0.5',
+    'python -m jaxgpt.serve --workdir runs/tiny --port 8765',
+    'curl -s localhost:8765/v1/completions -H \'Content-Type: application/json\' -d \'{"prompt": "import ", '
+    '"max_tokens": 12, "temperature": 0.7, "seed": 1}\'')}
+FINETUNING = {run: doc_step('docs/finetuning.md', key) for run, key in (
+    ('runs/ft', 'python -m jaxgpt.train --config configs/finetune_gpt2.py:small --workdir runs/ft '
+                '--config.init_from=~/models/gpt2 --config.data.path=my_text.jsonl'),
+    ('runs/sft', 'python -m jaxgpt.train --config configs/sft_alpaca.py:small --workdir runs/sft '
+                 '--config.init_from=~/models/gpt2 --config.data.path=alpaca.jsonl'),
+    ('sft export', 'python -m jaxgpt.convert --workdir=runs/sft --export_hf=~/models/gpt2-sft'),
+    ('runs/lora', 'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora '
+                  '--config.init_from=~/models/gpt2 --config.data.path=my_text.jsonl'),
+    ('lora sample', 'python -m jaxgpt.sample --workdir runs/lora --prompt "The meaning of life is"'),
+    ('lora export', 'python -m jaxgpt.convert --workdir=runs/lora --export_hf=~/models/gpt2-lora'))}
+
+
+def _chain(flow: str, run: str) -> list[str]:
+  return [s.name for s in CHAINS[flow] if s.label.startswith(f'{run}: ')]
+
+
 CONFIGS = {
-    'quickstart': ('quickstart', [
-        README_TRAIN, 'python -m jaxgpt.evaluate --workdir runs/tiny --references refs.jsonl --max_new_tokens 16',
-        'python -m jaxgpt.sample --workdir runs/quickstart --prompt "def fibonacci(" --temperature 0.5',
-        'python -m jaxgpt.serve --workdir runs/tiny --port 8765',
-        'curl -s localhost:8765/v1/completions -H \'Content-Type: application/json\' -d \'{"prompt": "import ", '
-        '"max_tokens": 12, "temperature": 0.7, "seed": 1}\'']),
-    'llama_tiny': ('llama_tiny', [s.label for s in CHAINS['llama_tiny']]),
-    'finetune_gpt2': ('finetuning', [FINETUNE_DOC['finetune_gpt2'], *(s.label for s in CHAINS['finetuning'][:5])]),
-    'sft_alpaca': ('finetuning', [FINETUNE_DOC['sft_alpaca'], *(s.label for s in CHAINS['finetuning'][5:9]),
-                                  'python -m jaxgpt.convert --workdir=runs/sft --export_hf=~/models/gpt2-sft']),
-    'lora': ('finetuning', [FINETUNE_DOC['lora'], *(s.label for s in CHAINS['finetuning'][9:12]),
-                            'python -m jaxgpt.sample --workdir runs/lora --prompt "The meaning of life is"',
-                            'python -m jaxgpt.convert --workdir=runs/lora --export_hf=~/models/gpt2-lora']),
-    'web_text': ('data', ['python -m jaxgpt.prepare --config configs/web_text.py --config.data.path=~/crawl',
-                          *(s.label for s in CHAINS['data'])]),
+    'quickstart': ('quickstart', list(README.values())),
+    'llama_tiny': ('llama_tiny', _chain('llama_tiny', 'runs/llama_tiny')),
+    'finetune_gpt2': ('finetuning', [FINETUNING['runs/ft'], *_chain('finetuning', 'runs/ft')]),
+    'sft_alpaca': ('finetuning', [FINETUNING['runs/sft'], *_chain('finetuning', 'runs/sft'), FINETUNING['sft export']]),
+    'lora': ('finetuning', [FINETUNING['runs/lora'], FINETUNING['lora sample'], *_chain('finetuning', 'runs/lora'),
+                            FINETUNING['lora export']]),
+    'web_text': ('data', [doc_step('docs/data.md', 'python -m jaxgpt.prepare --config configs/web_text.py '
+                                                   '--config.data.path=~/crawl'), *_chain('data', 'runs/web')]),
 }
 
 
@@ -145,12 +152,12 @@ def test_every_config_a_cpu_runs_is_here():
 
 @pytest.mark.parametrize('config', CONFIGS)
 def test_config_trains_evaluates_samples_serves_and_exports(config, command_runs):
-  flow_name, labels = CONFIGS[config]
+  flow_name, names = CONFIGS[config]
   flow = command_runs.flow(flow_name)
-  by_label = {s.label: s for s in flow.steps}
-  failures = [f for f in (check_step(flow, by_label[label]) for label in labels) if f]
-  assert not failures, f'{len(failures)} of {len(labels)} steps failed:\n\n' + '\n\n'.join(failures)
-  ran = ' '.join(by_label[label].text for label in labels)
+  by_name = {s.name: s for s in flow.steps}
+  failures = [f for f in (check_step(flow, by_name[name]) for name in names) if f]
+  assert not failures, f'{len(failures)} of {len(names)} steps failed:\n\n' + '\n\n'.join(failures)
+  ran = ' '.join(by_name[name].text for name in names)
   assert all(f'-m jaxgpt.{command} ' in ran for command in ('train', 'evaluate', 'sample', 'serve'))
 
 

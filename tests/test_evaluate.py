@@ -53,22 +53,38 @@ def test_bleu_and_rouge_are_perfect_on_the_models_own_output_and_lower_elsewhere
 
 
 def test_evaluate_command_writes_results_samples_and_tensorboard(trained_run, tmp_path):
+  config, tokenizer = state.load_run(trained_run)
+  model, params, _ = state.load_params(config, tokenizer, trained_run)
+  # Sampled: a 10-step model's greedy output is blank lines, which scores 0 against any reference and would
+  # make every BLEU and ROUGE figure 0 whatever the command did. One reference is the model's own output.
+  sampling = Sampling(max_new_tokens=16, temperature=1.0, seed=1)
+  prompts = ['import ', 'def f(']
+  own = complete(model, params, tokenizer, prompts, sampling)[0].text
+  examples = [{'prompt': prompts[0], 'reference': own}, {'prompt': prompts[1], 'reference': 'def f(x):\n    return x'}]
   references = tmp_path / 'refs.jsonl'
-  references.write_text('{"prompt": "import ", "reference": "import os"}\n'
-                        '{"prompt": "def f(", "reference": "def f(x):\\n    return x"}\n')
+  references.write_text(''.join(json.dumps(e) + '\n' for e in examples))
   texts = tmp_path / 'texts'
   texts.mkdir()
-  (texts / 'a.txt').write_text('import sys\nprint(sys.argv)\n')
+  text = 'import sys\nprint(sys.argv)\n'
+  (texts / 'a.txt').write_text(text)
   result = run_module('jaxgpt.evaluate', '--workdir', trained_run, '--references', str(references),
-                      '--text', str(texts), '--max_new_tokens', '8')
+                      '--text', str(texts), '--max_new_tokens', '16', '--temperature', '1.0', '--seed', '1')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'bits per byte' in result.stdout and 'BLEU' in result.stdout
   directory = os.path.join(trained_run, 'eval', 'step_10')
   results = json.load(open(os.path.join(directory, 'results.json')))
-  assert results['bytes'] == len('import sys\nprint(sys.argv)\n') and 0 < results['bits_per_byte'] < 10
-  assert 0 <= results['bleu'] <= 100 and 0 <= results['rougeL'] <= 1
+  # The figures of that text and those references, computed here: not merely numbers in range.
+  doc = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+  direct = language_model_metrics(model, params, [doc], tokenizer.token_bytes(), config.seq_len, batch_size=8)
+  assert results['bytes'] == len(text) and results['tokens'] == direct['tokens'] == len(doc) - 1
+  np.testing.assert_allclose(results['bits_per_byte'], direct['bits_per_byte'], rtol=1e-5)
+  expected, expected_samples = generation_metrics(model, params, tokenizer, examples, sampling)
+  assert 0 < expected['bleu'] < 100 and 0 < expected['rougeL'] < 1, expected
+  for name in ('bleu', 'rouge1', 'rouge2', 'rougeL'):
+    np.testing.assert_allclose(results[name], expected[name], rtol=1e-6, err_msg=name)
   samples = [json.loads(line) for line in open(os.path.join(directory, 'samples.jsonl'))]
-  assert [s['prompt'] for s in samples] == ['import ', 'def f('] and all('output' in s for s in samples)
+  assert [s['prompt'] for s in samples] == prompts
+  assert [s['output'] for s in samples] == [s['output'] for s in expected_samples]
   assert '**Reference**' in open(os.path.join(directory, 'samples.md')).read()
   assert os.listdir(os.path.join(trained_run, 'tensorboard'))
 

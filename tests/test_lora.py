@@ -86,7 +86,7 @@ def test_only_adapters_get_optimizer_state_and_learn():
   config = _config()
   config.optim.update(lr=1e-2, warmup_steps=0, weight_decay=0.0)
   model, base = _base(config)
-  tx, schedule = make_optimizer(config.optim, 30), learning_rate_schedule(config.optim, 30)
+  tx, schedule = make_optimizer(config.optim, 60), learning_rate_schedule(config.optim, 60)
   mesh = _one_device_mesh()
   full = state.create_state(model, tx, 8, mesh, jax.random.key(0))
   adapted = state.create_state(model, tx, 8, mesh, jax.random.key(0), lora_cfg=config.lora)
@@ -101,11 +101,10 @@ def test_only_adapters_get_optimizer_state_and_learn():
   tokens = jax.random.randint(jax.random.key(4), (4, 9), 0, 50)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': jnp.ones((4, 8), jnp.int32),
            'positions': jnp.broadcast_to(jnp.arange(8), (4, 8)), 'loss_mask': jnp.ones((4, 8), jnp.int32)}
-  frozen = jax.tree.map(jnp.copy, base)
   step = jax.jit(make_train_step(model, tx, schedule, 1, lora_cfg=config.lora), donate_argnums=(0,))
   losses = []
-  for _ in range(30):
-    adapted, metrics = step(adapted, batch, frozen)
+  for _ in range(60):  # 30 left the drop at 0.495 once the schedule started one update later
+    adapted, metrics = step(adapted, batch, base)
     losses.append(float(metrics['loss']))
   print(f'loss {losses[0]:.3f} -> {losses[-1]:.3f}')
   assert losses[-1] < losses[0] - 0.5
@@ -114,7 +113,7 @@ def test_only_adapters_get_optimizer_state_and_learn():
   assert jax.tree.structure(adapted.params) == jax.tree.structure(initial_adapters)
   logits = model.apply({'params': lora.merge(base, adapted.params, config.lora)}, batch['inputs'])
   merged_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets']).mean())
-  _, metrics = step(adapted, batch, frozen)
+  _, metrics = step(adapted, batch, base)
   assert merged_loss < losses[0] - 0.5
   np.testing.assert_allclose(float(metrics['loss']), merged_loss, rtol=1e-5)
 

@@ -66,12 +66,16 @@ def planted(tmp_path_factory):
   expected.append(textwrap.replace('gward@python.net', '<EMAIL>'))
   (root / 'clean' / 'bom.txt').write_bytes('\ufeff'.encode() + _read('sched.py').encode())
   expected.append(_read('sched.py'))
+  # One abusive line in a long document: profanity is decided per document (the share of its lines), so it stays.
+  one_bad_line = _read('keyword.py') + '\nyou are a fucking idiot\n'
+  (root / 'clean' / 'one_bad_line.txt').write_text(one_bad_line)
+  expected.append(one_bad_line)
 
   planted_files = {
       'crlf_copy.txt': _read('string.py').replace('\n', '\r\n').encode(),  # same text once normalised
       'near_copy.txt': _edit_words(_read('shlex.py'), 33).encode(),  # 3% of words edited
       'latin1.txt': 'caf\xe9 au lait\n'.encode('latin-1') * 50,
-      'profane.txt': (_read('keyword.py') + '\nyou are a fucking idiot\n').encode(),
+      'profane.txt': b'the weather was mild today\nyou are a fucking idiot\nwe walked to the station\n',
       'blocked.txt': (_read('token.py') + '\nhere we frobnicate\n').encode(),
       'empty.txt': b'  \n\n',
       'too_long.txt': _read('os.py', chars=25_000).encode(),
@@ -94,7 +98,7 @@ def test_planted_corpus_report_counts_exactly_and_keeps_every_clean_document(pla
   data = builder.prepare(_data_config(root, tmp_path), log=lambda m: None)
   report = data.report
   planted_dir = str(root / 'planted')
-  assert report['read']['documents'] == 21
+  assert report['read']['documents'] == 22
   assert {r: e['count'] for r, e in report['dropped'].items()} == {
       'exact duplicate': 1, 'near duplicate': 1, 'not valid UTF-8': 1, 'profanity': 2, 'empty': 1, 'too long': 1}
   assert report['dropped']['exact duplicate']['examples'] == [
@@ -105,10 +109,10 @@ def test_planted_corpus_report_counts_exactly_and_keeps_every_clean_document(pla
       f"{planted_dir}/latin1.txt (invalid continuation byte at byte 3)"]
   assert report['dropped']['profanity']['examples'] == [
       f"{planted_dir}/blocked.txt (frobnicate: 'here we frobnicate')",
-      f"{planted_dir}/profane.txt (classifier 1.00: 'you are a fucking idiot')"]
+      f"{planted_dir}/profane.txt (classifier flagged 33% of distinct lines: 'you are a fucking idiot')"]
   assert report['dropped']['too long']['examples'] == [f'{planted_dir}/too_long.txt (25000 > 20000 characters)']
   assert {r: e['count'] for r, e in report['changed'].items()} == {'BOM removed': 1, 'PII scrubbed: email': 1}
-  assert report['kept']['documents'] == 14 == report['train']['documents'] + report['validation']['documents']
+  assert report['kept']['documents'] == 15 == report['train']['documents'] + report['validation']['documents']
   assert report['kept']['bytes'] == sum(len(t.encode()) for t in expected)
 
   assert sorted(_clean_texts(data.directory)) == sorted(expected)  # no clean document lost or altered
@@ -289,7 +293,7 @@ def test_prepare_command_builds_the_cache_training_reads_and_fails_in_one_line(p
   assert 'data report:' in result.stdout and 'dropped: exact duplicate' in result.stdout
   directory = result.stdout.strip().splitlines()[-1].removeprefix('dataset: ')
   with open(os.path.join(directory, 'report.json')) as f:
-    assert json.load(f)['read']['documents'] == 21
+    assert json.load(f)['read']['documents'] == 22
   cfg = base_config().data  # what training reads with the same settings
   cfg.source, cfg.path, cfg.cache_dir, cfg.vocab_size, cfg.num_workers = 'dir', str(root), str(tmp_path), 500, 1
   data = builder.prepare(cfg, log=lambda m: None)

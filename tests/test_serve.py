@@ -11,11 +11,12 @@ import sys
 import time
 
 import httpx
+import jax
 import pytest
 
 from conftest import REPO
 from jaxgpt import state
-from jaxgpt.sample import Sampling, complete
+from jaxgpt.sample import Sampling, complete, encode_prompt
 from jaxgpt.serve import Engine, Job
 
 FLAGGED_PROMPT = 'def zorblax('  # 'zorblax' is on the servers' blocked word list
@@ -84,14 +85,16 @@ def server(trained_run, flagged_word):
   _stop(process)
 
 
-def test_health_and_model_info(server):
+def test_health_and_model_info(server, loaded_run):
   client, _ = server
   assert client.get('/health').json()['status'] == 'ok'
   info = client.get('/v1/models').json()['data'][0]
-  assert info['context_length'] == 64 and info['step'] == 10 and info['parameters'] > 10_000
+  _, params, _ = loaded_run
+  assert info['context_length'] == 64 and info['step'] == 10
+  assert info['parameters'] == sum(x.size for x in jax.tree.leaves(params))
 
 
-def test_completion_is_deterministic_and_counts_tokens(server):
+def test_completion_is_deterministic_and_counts_tokens(server, loaded_run):
   client, _ = server
   request = {'prompt': 'import os\n', 'max_tokens': 12, 'temperature': 0.8, 'seed': 5}
   first, second = client.post('/v1/completions', json=request), client.post('/v1/completions', json=request)
@@ -99,9 +102,15 @@ def test_completion_is_deterministic_and_counts_tokens(server):
   body = first.json()
   choice = body['choices'][0]
   assert choice['text'] == second.json()['choices'][0]['text']
-  assert choice['finish_reason'] in ('stop', 'length') and body['object'] == 'text_completion'
-  assert 1 <= body['usage']['completion_tokens'] <= 12
-  assert body['usage']['total_tokens'] == body['usage']['prompt_tokens'] + body['usage']['completion_tokens']
+  assert body['object'] == 'text_completion'
+  # What the model gives in-process with those settings: the server passed max_tokens, temperature and seed on.
+  model, params, tokenizer = loaded_run
+  expected = complete(model, params, tokenizer, [request['prompt']], Sampling(max_new_tokens=12, temperature=0.8,
+                                                                             seed=5))[0]
+  assert (choice['text'], choice['finish_reason']) == (expected.text, expected.finish_reason)
+  assert body['usage'] == {'prompt_tokens': len(encode_prompt(tokenizer, request['prompt'])),
+                           'completion_tokens': expected.num_tokens,
+                           'total_tokens': len(encode_prompt(tokenizer, request['prompt'])) + expected.num_tokens}
   assert body['safety']['prompt']['profane'] is False
 
 
@@ -127,6 +136,7 @@ def test_stop_sequence_cuts_the_text(server):
   request = {'prompt': 'class ', 'max_tokens': 30, 'temperature': 1.0, 'seed': 2}
   whole = client.post('/v1/completions', json=request).json()['choices'][0]['text']
   stop = whole[len(whole) // 2:len(whole) // 2 + 2]
+  assert len(stop) == 2, whole  # an empty stop string would be found at 0 whatever the server did
   cut = client.post('/v1/completions', json={**request, 'stop': [stop]}).json()['choices'][0]
   assert cut['text'] == whole[:whole.index(stop)] and cut['finish_reason'] == 'stop'
 

@@ -75,6 +75,11 @@ def test_sentencepiece_save_and_load_keep_the_fingerprint(tmp_path):
   tokenizer.save(str(tmp_path / 'tokenizer.model'))
   loaded = Tokenizer.load(str(tmp_path / 'tokenizer.model'))
   assert loaded.kind == 'sentencepiece' and loaded.fingerprint == tokenizer.fingerprint
+  held_out = _read(HELD_OUT)
+  assert loaded.encode(held_out) == tokenizer.encode(held_out)
+  # The fingerprint tells models apart (the data cache is keyed on it): one trained on other text differs.
+  other = train_tokenizer([_read(f) for f in TRAIN_FILES[:2]] + [held_out], vocab_size=500)
+  assert other.fingerprint != tokenizer.fingerprint
 
 
 def test_byte_level_bpe_problems_are_clear_errors(tmp_path):
