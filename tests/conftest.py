@@ -114,7 +114,7 @@ def command_runs(request, tmp_path_factory):
   """
   import test_docs
   chains = {}
-  if any(item.module.__name__ == 'test_end_to_end' for item in request.session.items):
+  if any(getattr(getattr(item, 'module', None), '__name__', '') == 'test_end_to_end' for item in request.session.items):
     import test_end_to_end
     chains = test_end_to_end.CHAINS
   runs = test_docs.CommandRuns(str(tmp_path_factory.mktemp('commands')), chains)

@@ -6,7 +6,8 @@ directory with `configs` and `tools`, HOME holding `~/models/gpt2`, `~/my_texts`
 tiny by APPENDING overrides (absl lets a later flag win). What cannot run on a CPU without a
 network (GPU wheels, Cloud TPU, a SLURM cluster) has a stated reason and the strongest check
 that runs here. A command the docs gain without an entry here, or an entry whose command left
-the docs, fails test_every_doc_command_is_in_the_table: the docs cannot drift from the tests.
+the docs, fails test_every_doc_command_is_in_the_table_and_every_entry_in_the_docs: the docs
+cannot drift from the tests.
 
 The commands of one page run in page order in one sandbox (a flow), so the sample command uses
 the run the train command made. tests/test_end_to_end.py continues these flows with its own
@@ -14,6 +15,7 @@ steps, so that no config is trained twice; the flows run two at a time (`command
 tests/conftest.py).
 """
 
+import ast
 import contextlib
 import dataclasses
 import fcntl
@@ -172,7 +174,6 @@ class Result:
   stdout: str = ''
   stderr: str = ''
   seconds: float = 0.0
-  namespace: dict = dataclasses.field(default_factory=dict)  # what a Python snippet defined
   error: str = ''  # why the step could not run at all
 
   def tail(self) -> str:
@@ -209,10 +210,17 @@ class Request(Run):
 
 
 @dataclasses.dataclass(frozen=True)
-class Snippet:
-  """A Python block, executed as written (with HOME the sandbox's); `expect(result, flow)` checks what it defined."""
-  expect: Callable | None = None
-  before: str = ''  # what the page says the snippet goes into, e.g. a config file's get_config
+class Snippet(Run):
+  """A Python block, run as written by `python -c` in the flow's directory, between `before` and `after`.
+
+  `before` is what the page says the snippet goes into (e.g. a config file's get_config); `after`
+  prints what `expect` checks.
+  """
+  before: str = ''
+  after: str = ''
+
+  def command(self, text: str) -> str:
+    return f'python -c {shlex.quote(self.before + text + self.after)}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,11 +281,11 @@ def figures(command: str, output: str) -> list[float]:
   kind = next((k for k in FIGURES if re.sub(r'^\S*python3?\b', 'python', command).startswith(k)), None)
   if kind is None or (kind == 'curl' and '"error"' in output):
     return []
-  found = [float(value.replace(",", "")) for match in re.finditer(FIGURES[kind], output, re.M) for value in match.groups()]
+  found = [value.replace(',', '') for match in re.finditer(FIGURES[kind], output, re.M) for value in match.groups()]
   assert found, f'no figure matching {FIGURES[kind]!r} in the output'
-  assert all(math.isfinite(x) for x in found), f'a figure is not finite: {found}'
+  assert all(re.fullmatch(r'[-+\d.eE]+', x) and math.isfinite(float(x)) for x in found), f'not finite: {found}'
   assert not re.search(r'\b(nan|inf)\b', output, re.I), 'NaN or Inf in the output'
-  return found
+  return [float(x) for x in found]
 
 
 # --- what a flow runs in ------------------------------------------------------------------------
@@ -382,7 +390,6 @@ FLOWS = {
 # (a rebuilt cache directory is replaced while another process may read it). Flows only
 # tests/test_end_to_end.py has go to the second lane.
 LANES = (('quickstart', 'data'), ('finetuning', 'cluster', 'sharding'))
-README_PORT = 8765  # the README's --port and curl commands
 
 
 class CommandRuns:
@@ -417,13 +424,6 @@ class CommandRuns:
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
-    import resource
-    with open('/tmp/e2e_try/timings.txt', 'w') as f:
-      ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-      f.write(f'all children cpu {ru.ru_utime + ru.ru_stime:.1f}\n')
-      for flow in self.flows.values():
-        for label, r in flow.results.items():
-          f.write(f'{flow.name:12} {r.seconds:7.1f}s wall {getattr(r, "cpu", 0):7.1f}s cpu  {label[:110]}\n')
 
   def _run_lane(self, flows: list[Flow]) -> None:
     for flow in flows:
@@ -436,61 +436,48 @@ class CommandRuns:
     env = {k: v for k, v in os.environ.items() if k not in ('JAXGPT_API_KEY', 'XLA_FLAGS')}
     return {**env, 'HOME': self.home, 'PATH': f'{os.path.dirname(sys.executable)}:{env["PATH"]}',
             'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1',
-            # Commands that compile what an earlier one did (tools/bench.py's remat sweeps, sample after
-            # evaluate) load it; jaxgpt.train keeps its own cache (~/.cache/jaxgpt/xla), checked below.
+            # Commands that compile what an earlier one did (tools/bench.py's remat sweeps) load it;
+            # jaxgpt.train sets its own (~/.cache/jaxgpt/xla, which _quickstart_trained checks).
             'JAX_COMPILATION_CACHE_DIR': self.xla_cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
             **dict(getattr(entry, 'env', ()))}
 
   def _run_flow(self, flow: Flow) -> None:
     server = port = None
-    for step in flow.steps:
-      if server and not isinstance(step.entry, Request):
+    try:
+      for step in flow.steps:
+        if server and not isinstance(step.entry, Request):
+          self._stop(server)
+          server = None
+        if isinstance(step.entry, Serve):
+          port = free_port()  # for a server started on `--port {port}`
+        step = dataclasses.replace(step, text=step.text.replace('{port}', str(port)))
+        if isinstance(step.entry, NotHere):
+          continue  # checked by the test, in the test's process
+        if isinstance(step.entry, Serve):
+          server, flow.results[step.name] = self._start(step, flow)
+        else:
+          flow.results[step.name] = self._run(step, flow)
+    finally:
+      if server:
         self._stop(server)
-        server = None
-      if isinstance(step.entry, Serve):
-        port = free_port()  # for a server started on `--port {port}`
-      step = dataclasses.replace(step, text=step.text.replace('{port}', str(port)))
-      if isinstance(step.entry, NotHere):
-        continue  # checked by the test, in the test's process
-      if isinstance(step.entry, Snippet):
-        flow.results[step.name] = self._exec(step, flow)
-      elif isinstance(step.entry, Serve):
-        server, flow.results[step.name] = self._start(step, flow)
-      else:
-        flow.results[step.name] = self._run(step, flow)
-    if server:
-      self._stop(server)
 
   def _run(self, step: Step, flow: Flow) -> Result:
     command = step.entry.command(step.text)
-    import resource
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     try:
       done = subprocess.run(['bash', '-o', 'pipefail', '-c', command], cwd=flow.directory, env=self.env(step.entry),
                             capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as e:
       return Result(step.label, command, error=f'timed out after {e.timeout} s')
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = Result(step.label, command, done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
-    r.cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return r
-
-  def _exec(self, step: Step, flow: Flow) -> Result:
-    namespace = {}
-    start = time.perf_counter()
-    try:
-      with home_as(self.home):
-        exec(step.entry.before + step.text, namespace)  # noqa: S102  (the docs' own snippet)
-    except Exception as e:  # the snippet failing is the finding, reported by the test
-      return Result(step.label, step.text, error=f'{type(e).__name__}: {e}')
-    return Result(step.label, step.text, 0, seconds=time.perf_counter() - start, namespace=namespace)
+    return Result(step.label, command, done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
 
   def _start(self, step: Step, flow: Flow):
     command = step.entry.command(step.text)
     port = int(re.search(r'--port[= ](\d+)', command).group(1))
-    lock = open(os.path.join('/tmp', f'jaxgpt-test-port-{port}.lock'), 'w')
-    fcntl.flock(lock, fcntl.LOCK_EX)  # another test session on this machine may serve the README's port
+    lock = None
+    if step.command:  # a port the page names: another test session on this machine may be serving on it
+      lock = open(os.path.join('/tmp', f'jaxgpt-test-port-{port}.lock'), 'w')
+      fcntl.flock(lock, fcntl.LOCK_EX)
     log = open(os.path.join(flow.directory, f'serve-{port}.log'), 'w+')
     process = subprocess.Popen(['bash', '-c', f'exec {command}'], cwd=flow.directory, env=self.env(step.entry),
                                stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -524,7 +511,8 @@ class CommandRuns:
     log.seek(0)
     result.stdout = log.read()
     log.close()
-    lock.close()
+    if lock:
+      lock.close()
 
 
 def free_port() -> int:
@@ -544,13 +532,10 @@ def check_step(flow: Flow, step: Step) -> str:
           entry.check(step.command, flow)
       return ''
     result = flow.results[step.name]
-    if isinstance(entry, Snippet):
-      assert not result.error, result.error
-    else:
-      assert not result.error and result.returncode == entry.exit_code, (
-          f'exit {result.returncode}, expected {entry.exit_code}')
-      if entry.exit_code == 0:
-        figures(result.command, result.stdout)
+    assert not result.error and result.returncode == entry.exit_code, (
+        f'exit {result.returncode}, expected {entry.exit_code}')
+    if entry.exit_code == 0:
+      figures(result.command, result.stdout)
     if entry.expect:
       with home_as(flow.home):
         entry.expect(result, flow)
@@ -563,40 +548,41 @@ def check_step(flow: Flow, step: Step) -> str:
 # --- the checks of commands that cannot run here ------------------------------------------------
 
 
-def _requirement_met(requirement: str) -> bool:
-  from packaging.requirements import Requirement
-  req = Requirement(requirement)
-  if req.name == 'jaxgpt':
-    return all(_extra_installed(extra) for extra in req.extras)
+def _requirement_met(requirement) -> bool:
+  """Whether a packaging Requirement (jaxgpt[extra] included) is installed."""
+  if requirement.name == 'jaxgpt':
+    return all(_extra_installed(extra) for extra in requirement.extras)
   try:
-    return req.specifier.contains(importlib.metadata.version(req.name), prereleases=True)
+    return requirement.specifier.contains(importlib.metadata.version(requirement.name), prereleases=True)
   except importlib.metadata.PackageNotFoundError:
     return False
 
 
 def _extra_installed(extra: str) -> bool:
   from packaging.requirements import Requirement
-  requires = importlib.metadata.requires('jaxgpt')
-  wanted = [r.split(';')[0] for r in requires if Requirement(r).marker and Requirement(r).marker.evaluate({'extra': extra})]
-  assert wanted, f"pyproject.toml has no extra {extra!r}"
-  missing = [r for r in wanted if not _requirement_met(r)]
+  requirements = [Requirement(r) for r in importlib.metadata.requires('jaxgpt')]
+  wanted = [r for r in requirements if r.marker and r.marker.evaluate({'extra': extra})]
+  assert wanted, f'pyproject.toml has no extra {extra!r}'
+  missing = [str(r) for r in wanted if not _requirement_met(r)]
   assert not missing, f'the {extra!r} extra is not installed: {missing}'
   return True
 
 
 def _this_checkout_installed_editable(command, flow) -> None:
-  installs = [json.loads(d.read_text('direct_url.json') or '{}') for d in importlib.metadata.distributions(name='jaxgpt')]
-  assert {'url': f'file://{REPO}', 'dir_info': {'editable': True}} in installs, f'jaxgpt is not this checkout, '\
-      f'installed editable (pip install -e .): {installs}'
-  for extra in re.findall(r"\.\[([\w,]+)\]", command.text):
-    for name in extra.split(','):
-      _extra_installed(name)
+  installs = [json.loads(d.read_text('direct_url.json') or '{}')
+              for d in importlib.metadata.distributions(name='jaxgpt')]
+  assert {'url': f'file://{REPO}', 'dir_info': {'editable': True}} in installs, (
+      f'jaxgpt is not this checkout installed editable (pip install -e .): {installs}')
+  for extras in re.findall(r'\.\[([\w,]+)\]', command.text):
+    for extra in extras.split(','):
+      _extra_installed(extra)
 
 
 def _jax_within_the_pin(command, flow) -> None:
   """`pip install -e . "jax[...]"` keeps JAX inside pyproject.toml's range: the one installed here is."""
+  from packaging.requirements import Requirement
   pins = tomllib.load(open(os.path.join(REPO, 'pyproject.toml'), 'rb'))['project']['dependencies']
-  [jax_pin] = [p for p in pins if re.match(r'jax\b[^-]', p)]
+  [jax_pin] = [Requirement(p) for p in pins if Requirement(p).name == 'jax']
   assert _requirement_met(jax_pin), f'jax {importlib.metadata.version("jax")} is outside {jax_pin}'
   _this_checkout_installed_editable(command, flow)
 
@@ -622,30 +608,47 @@ def _download_fetches_what_jaxgpt_reads(command, flow) -> None:
   assert args[args.index('--local-dir') + 1] == '~/models/gpt2'
 
 
-def plan(command: str, devices: int, env: dict) -> str:
-  """tools/plan.py's output for the config of a `python -m jaxgpt.train ...` line: it loads the config
-  and its --config.* overrides as training does (absl), and resolves and checks the mesh on `devices`."""
+# Loads a config with its --config.* flags as jaxgpt.train does, validates it, and plans its mesh.
+_CHECK_CONFIG = """
+import sys
+from absl import flags
+from jaxgpt.config import define_config_flag, validate
+from tools.plan import plan
+define_config_flag()
+flags.DEFINE_integer('devices', 1, 'devices the mesh spans')
+flags.FLAGS(sys.argv)
+validate(flags.FLAGS.config)
+print(plan(flags.FLAGS.config, flags.FLAGS.devices)['mesh'])
+"""
+
+
+def mesh_of(command: str, devices: int, env: dict) -> dict:
+  """The mesh a `python -m jaxgpt.train ...` line's config resolves to on `devices`, its config valid."""
   args = shlex.split(re.sub(r'\$(\w+)', lambda m: env[m.group(1)], command))
-  config = args[args.index('--config') + 1]
-  done = subprocess.run([sys.executable, 'tools/plan.py', '--config', config, '--devices', str(devices),
-                         *(a for a in args if a.startswith('--config.'))],
+  done = subprocess.run([sys.executable, '-c', _CHECK_CONFIG, '--config', args[args.index('--config') + 1],
+                         f'--devices={devices}', *(a for a in args if a.startswith('--config.'))],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
-  return done.stdout
+  return ast.literal_eval(done.stdout.strip())
 
 
-def _several_nodes_config_is_valid(command, flow) -> None:
-  plan(command.text, 32, {'NODE_RANK': '0'})
-  settings = dict(re.findall(r'--config\.distributed\.(\w+)=(\S+)', command.text))
-  assert re.fullmatch(r'[\w.]+:\d+', settings['coordinator_address']) and settings['num_processes'] == '4'
+def _gpu_nodes(page: str) -> tuple[int, int]:
+  script = open(os.path.join(REPO, page)).read()
+  return tuple(int(re.search(rf'#SBATCH --{name}=(\d+)', script).group(1)) for name in ('nodes', 'gpus-per-node'))
 
 
 def _sbatch_nodes_match_the_mesh(command, flow) -> None:
-  """The job's nodes x GPUs per node are the devices the mesh of its srun line spans."""
-  script = open(os.path.join(REPO, command.page)).read()
-  nodes, gpus = (int(re.search(rf'#SBATCH --{name}=(\d+)', script).group(1)) for name in ('nodes', 'gpus-per-node'))
-  output = plan(command.text.removeprefix('srun '), nodes * gpus, {'SLURM_JOB_ID': '1'})
-  assert f"mesh {{'data': {nodes}, 'fsdp': {gpus}, 'tensor': 1}} on {nodes * gpus} devices" in output, output
+  """The job's nodes x GPUs per node are the devices of the mesh of its srun line."""
+  nodes, gpus = _gpu_nodes(command.page)
+  assert mesh_of(command.text.removeprefix('srun '), nodes * gpus, {'SLURM_JOB_ID': '1'}) == {
+      'data': nodes, 'fsdp': gpus, 'tensor': 1}
+
+
+def _several_nodes_config_is_valid(command, flow) -> None:
+  nodes, gpus = _gpu_nodes(command.page)
+  settings = dict(re.findall(r'--config\.distributed\.(\w+)=(\S+)', command.text))
+  assert re.fullmatch(r'[\w.]+:\d+', settings['coordinator_address']) and settings['num_processes'] == str(nodes)
+  assert mesh_of(command.text, nodes * gpus, {'NODE_RANK': '0'}) == {'data': nodes, 'fsdp': gpus, 'tensor': 1}
 
 
 def _page_command(page: str, pattern: str) -> str:
@@ -745,13 +748,14 @@ def _fields_missing(shown, answer, where='') -> list[str]:
         _fields_missing(v, answer[k], f'{where}.{k}') if k in answer else [f'{where}.{k}'])]
   if isinstance(shown, list) and isinstance(answer, list):
     return [f for s, a in zip(shown, answer) for f in _fields_missing(s, a, f'{where}[]')]
-  return [] if type(shown) is type(answer) or shown is None or answer is None else [f'{where} ({type(answer).__name__})']
+  same_type = type(shown) is type(answer) or shown is None or answer is None
+  return [] if same_type else [f'{where} ({type(answer).__name__})']
 
 
 def _completion_like_the_page(result, flow) -> None:
   answer = json.loads(result.stdout)
-  assert not _fields_missing(json.loads(_shown_output(result)), answer), (
-      f'fields the page shows are not in the answer: {_fields_missing(json.loads(_shown_output(result)), answer)}')
+  missing = _fields_missing(json.loads(_shown_output(result)), answer)
+  assert not missing, f'fields the page shows are not in the answer: {missing}'
   assert answer['usage']['completion_tokens'] <= 12 and answer['choices'][0]['finish_reason'] in ('length', 'stop')
 
 
@@ -788,14 +792,11 @@ def _exported(directory: str):
 
 
 def _loads_in_transformers(result, flow) -> None:
-  assert type(result.namespace['model']).__name__ == 'GPT2LMHeadModel'
-  assert result.namespace['tokenizer']('The quick')['input_ids']
+  assert result.stdout.split()[-2:] == ['GPT2LMHeadModel', 'True'], result.stdout
 
 
 def _sharding_rule_overridden(result, flow) -> None:
-  from jaxgpt import sharding
-  rules = dict(sharding.logical_rules(result.namespace['c'].mesh))
-  assert rules['vocab'] is None and rules['act_vocab'] is None and rules['embed'] == 'fsdp'
+  assert json.loads(result.stdout) == {'vocab': None, 'act_vocab': None, 'embed': 'fsdp'}, result.stdout
 
 
 TABLE = {
@@ -853,7 +854,8 @@ TABLE = {
         "import os from transformers import AutoModelForCausalLM, AutoTokenizer path = "
         "os.path.expanduser('~/models/gpt2-sft') # from_pretrained does not expand ~ model = "
         "AutoModelForCausalLM.from_pretrained(path) # GPT2LMHeadModel tokenizer = AutoTokenizer.from_pretrained(path)":
-            Snippet(expect=_loads_in_transformers),
+            Snippet(after="\nprint(type(model).__name__, bool(tokenizer('The quick')['input_ids']))",
+                    expect=_loads_in_transformers),
         'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora --config.init_from=~/models/gpt2 '
         '--config.data.path=my_text.jsonl': Run(append(FINETUNE_TINY)),
         'python -m jaxgpt.sample --workdir runs/lora --prompt "The meaning of life is"': Run(
@@ -863,7 +865,8 @@ TABLE = {
     },
     'docs/gpu.md': {
         'pip install -e . "jax[cuda12]"': NotHere('CUDA wheels, for a machine with NVIDIA GPUs', _jax_within_the_pin),
-        'python tools/plan.py --config configs/gpt2.py:medium --devices 8 --device H100': Run(expect=_plan_fits('H100')),
+        'python tools/plan.py --config configs/gpt2.py:medium --devices 8 --device H100': Run(
+            expect=_plan_fits('H100')),
         'python -m jaxgpt.train --config configs/gpt2.py:medium --workdir /shared/runs/gpt2-medium '
         '--config.data.source=jsonl --config.data.path=/shared/data/corpus.jsonl': Run(
             append(GPT2_TINY, '--workdir=runs/gpt2-medium', *ON_THIS_MACHINE)),
@@ -881,7 +884,9 @@ TABLE = {
                 env=(('SLURM_JOB_ID', '1'), ('XLA_FLAGS', '--xla_force_host_platform_device_count=32'))),
         'python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b '
         '--config.distributed.coordinator_address=10.0.0.1:1234 --config.distributed.num_processes=4 '
-        '--config.distributed.process_id=$NODE_RANK': NotHere(
+        '--config.distributed.process_id=$NODE_RANK --config.mesh.data=4 --config.mesh.fsdp=8 '
+        '--config.optim.grad_accum_steps=8 --config.data.source=jsonl --config.data.path=/shared/data/corpus.jsonl '
+        '--config.data.cache_dir=/shared/cache': NotHere(
             'four nodes that reach a coordinator at 10.0.0.1 (tests/test_multihost.py runs two processes on one host)',
             _several_nodes_config_is_valid),
     },
@@ -904,7 +909,10 @@ TABLE = {
     },
     'docs/sharding.md': {
         "c.mesh.rules = (('vocab', None), ('act_vocab', None))": Snippet(
-            before='from configs import quickstart\nc = quickstart.get_config()\n', expect=_sharding_rule_overridden),
+            before='from configs import quickstart\nc = quickstart.get_config()\n',
+            after='\nimport json\nfrom jaxgpt import sharding\nrules = dict(sharding.logical_rules(c.mesh))\n'
+                  "print(json.dumps({name: rules[name] for name in ('vocab', 'act_vocab', 'embed')}))",
+            expect=_sharding_rule_overridden),
     },
     'docs/tpu.md': {
         'export PROJECT=my-project ZONE=us-west4-a TPU=jaxgpt-v5e BUCKET=gs://my-bucket': NotHere(

@@ -6,6 +6,7 @@ runs, docs/data.md's prepared prose), so no config is trained twice. configs/lla
 no page trains, gets a flow of its own. Every command must exit 0 and print finite figures.
 """
 
+import json
 import os
 
 import numpy as np
@@ -16,13 +17,22 @@ from test_docs import (FINETUNE_TINY, PROSE_DATA, QUICKSTART_TINY, Request, Run,
                        doc_step, home_as)
 
 SIZES = {k: v for k, v in QUICKSTART_TINY.items() if not k.startswith('data.')}
+# llama_tiny's own 4 heads (grouped-query, 2 kv heads), the tiny GPT-2's byte-level BPE: a Llama run that exports.
+LLAMA_TINY = {**{k: v for k, v in QUICKSTART_TINY.items() if k != 'model.num_heads'},
+              'data.tokenizer.kind': 'byte_bpe', 'data.tokenizer.path': '~/models/gpt2/tokenizer.json'}
 
 
 def _serve_and_ask(run: str, prompt: str) -> list[Step]:
   """`python -m jaxgpt.serve` on a free port ({port}: chosen when it starts), and one completion request."""
   return [Step(f'{run}: serve', f'python -m jaxgpt.serve --workdir {run} --port {{port}}', Serve()),
           Step(f'{run}: one request', f"curl -s localhost:{{port}}/v1/completions -H 'Content-Type: application/json' "
-                                      f"-d '{{\"prompt\": \"{prompt}\", \"max_tokens\": 8, \"seed\": 1}}'", Request())]
+                                      f"-d '{{\"prompt\": \"{prompt}\", \"max_tokens\": 8, \"seed\": 1}}'",
+               Request(expect=_completed))]
+
+
+def _completed(result, flow) -> None:
+  answer = json.loads(result.stdout)
+  assert isinstance(answer['choices'][0]['text'], str) and answer['usage']['completion_tokens'] > 0, answer
 
 
 def _evaluate(run: str) -> Step:
@@ -62,8 +72,9 @@ CHAINS = {
     'quickstart': [
         # Moved from tests/test_cli.py: the run README's commands made refuses data it was not trained on.
         Step('resuming with other data settings is refused',
-             'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/quickstart --config.data.source=jsonl '
-             f'--config.data.path=corpus.jsonl {append({**QUICKSTART_TINY, "train.num_steps": 30})}',
+             'python -m jaxgpt.train --config configs/quickstart.py --workdir runs/quickstart '
+             '--config.data.source=jsonl --config.data.path=corpus.jsonl '
+             + append({**QUICKSTART_TINY, 'train.num_steps': 30}),
              Run(exit_code=2, expect=_refused('different tokenizer'))),
     ],
     'finetuning': [
@@ -80,8 +91,9 @@ CHAINS = {
         *_serve_and_ask('runs/lora', 'The quick'),
         # Moved from tests/test_finetune.py: a shape other than the base model's is refused, naming the field.
         Step('fine-tuning another shape is refused',
-             'python -m jaxgpt.train --config configs/finetune_gpt2.py --workdir runs/bad --config.init_from=~/models/gpt2 '
-             f'--config.data.path=my_text.jsonl {append({**FINETUNE_TINY, "model.embed_dim": 64})}',
+             'python -m jaxgpt.train --config configs/finetune_gpt2.py --workdir runs/bad '
+             '--config.init_from=~/models/gpt2 --config.data.path=my_text.jsonl '
+             + append({**FINETUNE_TINY, 'model.embed_dim': 64}),
              Run(exit_code=2, expect=_refused('embed_dim: base 32, config 64'))),
     ],
     'data': [
@@ -93,10 +105,8 @@ CHAINS = {
         *_serve_and_ask('runs/web', 'The '),
     ],
     'llama_tiny': [
-        # Trained with the tiny GPT-2's byte-level BPE, so that the Llama-shaped run exports to Hugging Face.
-        Step('runs/llama_tiny: train', 'python -m jaxgpt.train --config configs/llama_tiny.py --workdir runs/llama_tiny '
-             + append({**{k: v for k, v in QUICKSTART_TINY.items() if k != 'model.num_heads'},
-                       'data.tokenizer.kind': 'byte_bpe', 'data.tokenizer.path': '~/models/gpt2/tokenizer.json'}),
+        Step('runs/llama_tiny: train',
+             'python -m jaxgpt.train --config configs/llama_tiny.py --workdir runs/llama_tiny ' + append(LLAMA_TINY),
              Run()),
         _evaluate('runs/llama_tiny'),
         # Moved from tests/test_cli.py: several prompts, each continued.
