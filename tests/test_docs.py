@@ -712,7 +712,8 @@ def _quickstart_resumed(result, flow) -> None:
   run = os.path.join(flow.directory, 'runs', 'quickstart')
   assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['10', '20']
   results = json.load(open(os.path.join(run, 'results.json')))
-  assert results['step'] == 20 and 2.0 < results['loss'] < 7.0  # below log(512) = 6.24 at random
+  # It learned: below log(512) = 6.24 nats, the loss of a uniform guess over the 512-piece vocabulary.
+  assert results['step'] == 20 and results['loss'] < 6.0
   assert 0.5 < results['bits_per_byte'] < 5.0
 
 
@@ -779,9 +780,9 @@ def _sweep_rows(result, flow) -> None:
   rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
   assert [r['variant'] for r in rows] == ['quickstart', 'lr-1e-2', 'width-192']
   for row in rows:
-    assert row['steps'] >= 30 and row['params_M'] > 0 and 0 < row['bits_per_byte'] < 8
-    assert json.load(open(os.path.join(flow.directory, 'runs', 'sweep', row['variant'], 'results.json')))[
-        'step'] == row['steps']
+    results = json.load(open(os.path.join(flow.directory, 'runs', 'sweep', row['variant'], 'results.json')))
+    assert row['steps'] >= 30 and results['step'] == row['steps']
+    assert row['bits_per_byte'] == results['bits_per_byte']  # the table reports each variant's own run
 
 
 def _exported(directory: str):
