@@ -15,7 +15,7 @@ import os
 from absl import flags
 from safetensors.numpy import save_file
 
-from jaxgpt import hf, state as state_lib
+from jaxgpt import hf, inference, run_dir, state as state_lib
 from jaxgpt.config import JaxgptError, base_config, run_cli
 
 
@@ -33,12 +33,12 @@ def import_hf(directory: str, workdir: str) -> str:
 
 def export_hf(workdir: str, directory: str, step: int | None = None) -> str:
   """Writes a HF directory (config, model.safetensors, tokenizer) from a jaxgpt run's checkpoint."""
-  config, tokenizer = state_lib.load_run(workdir)
+  config, tokenizer = run_dir.load_run(workdir)
   kind = hf.architecture(config.model)
   if tokenizer.kind != 'byte_bpe':
     raise JaxgptError(f'{workdir} uses a {tokenizer.kind} tokenizer; Hugging Face export needs the byte-level '
                       'BPE tokenizer of a base model (train with --config.init_from, or data.tokenizer.kind=byte_bpe).')
-  _, params, _ = state_lib.load_params(config, tokenizer, workdir, step)
+  _, params, _ = inference.load_params(config, tokenizer, workdir, step)
   directory = os.path.expanduser(directory)
   os.makedirs(directory, exist_ok=True)
   save_file(hf.params_to_hf(params, kind), os.path.join(directory, hf.HF_WEIGHTS), metadata={'format': 'pt'})

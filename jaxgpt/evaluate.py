@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 from absl import flags
 
-from jaxgpt import sharding, state
+from jaxgpt import inference, run_dir, sharding
 from jaxgpt.config import JaxgptError, run_cli
 from jaxgpt.data import builder, sources
 from jaxgpt.evaluation import (eval_sums, generation_metrics, held_out_metrics, language_model_metrics,
@@ -79,7 +79,7 @@ def evaluate(workdir: str, *, step: int | None = None, text: str = '', glob: str
   The continuations (of the references' prompts, else of `prompts` or the run's
   sample prompts) are `max_new_tokens` long, or as long as fits the run's context.
   """
-  config, tokenizer = state.load_run(workdir)
+  config, tokenizer = run_dir.load_run(workdir)
   examples = read_references(references) if references else []  # a bad file fails before loading the model
   prompts = [e['prompt'] for e in examples] or list(prompts or config.sample.prompts)
   longest_prompt = max((len(encode_prompt(tokenizer, p)) for p in prompts), default=1)
@@ -87,7 +87,7 @@ def evaluate(workdir: str, *, step: int | None = None, text: str = '', glob: str
   if note:
     print(note, file=sys.stderr)
   sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-  model, params, step = state.load_params(config, tokenizer, workdir, step)
+  model, params, step = inference.load_params(config, tokenizer, workdir, step)
   if text:
     docs = text_documents(text, config, tokenizer, glob, text_field, max_docs)
     results = {'text': text, 'loss_on': 'all tokens',

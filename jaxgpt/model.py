@@ -335,6 +335,11 @@ class GPT(nn.Module):
     return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
 
+def build_model(config, vocab_size: int) -> GPT:
+  """The GPT that a run's config (its model section) describes, for a vocabulary of `vocab_size` tokens."""
+  return GPT(ModelConfig.from_config(config.model, vocab_size))
+
+
 def chunked_cross_entropy(hidden_NxD, head_DxV, targets_N, chunk: int):
   """Per-token cross-entropy [N], computing the logits `chunk` tokens at a time.
 

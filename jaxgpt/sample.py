@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from jaxgpt import state
+from jaxgpt import inference, run_dir
 from jaxgpt.config import JaxgptError, run_cli
 from jaxgpt.model import GPT, init_cache
 
@@ -355,14 +355,14 @@ def main(argv):
   FLAGS = flags.FLAGS
   if not FLAGS.workdir:
     raise JaxgptError('--workdir is required: the run directory written by jaxgpt.train.')
-  config, tokenizer = state.load_run(FLAGS.workdir)
+  config, tokenizer = run_dir.load_run(FLAGS.workdir)
   longest_prompt = max(len(encode_prompt(tokenizer, p)) for p in FLAGS.prompt)
   max_new_tokens, note = fitting_max_new_tokens(FLAGS.max_new_tokens, config.model.max_len, longest_prompt)
   sampling = Sampling(max_new_tokens=max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                       top_p=FLAGS.top_p, seed=FLAGS.seed, stop=tuple(FLAGS.stop))
   if note:
     print(note, file=sys.stderr)
-  model, params, step = state.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
+  model, params, step = inference.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
   outputs = complete(model, params, tokenizer, FLAGS.prompt, sampling)
   print(f'# step {step} of {FLAGS.workdir}')
   for prompt, continuation in zip(FLAGS.prompt, outputs):

@@ -34,7 +34,7 @@ import uuid
 import ml_collections
 from absl import flags
 
-from jaxgpt import state
+from jaxgpt import inference, run_dir
 from jaxgpt.config import JaxgptError, require_extra, run_cli
 from jaxgpt.model import num_params
 from jaxgpt.safety import SafetyChecker
@@ -287,8 +287,8 @@ def main(argv):
   import uvicorn  # imported here: only the command needs the server libraries
 
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
-  config, tokenizer = state.load_run(FLAGS.workdir)
-  model, params, step = state.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
+  config, tokenizer = run_dir.load_run(FLAGS.workdir)
+  model, params, step = inference.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
   checker = SafetyChecker(ml_collections.ConfigDict({
       'classifier_threshold': FLAGS.classifier_threshold, 'blocked_words': FLAGS.blocked_words,
       'blocked_words_file': FLAGS.blocked_words_file}))

@@ -21,13 +21,13 @@ import optax
 from absl import flags
 from jax.experimental import multihost_utils
 
-from jaxgpt import hf, lora, run_lock, sharding, state as state_lib
+from jaxgpt import hf, inference, lora, run_dir, run_lock, sharding, state as state_lib
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
 from jaxgpt.data import builder, pipeline
 from jaxgpt.evaluation import eval_sums, generation_metrics, held_out_metrics, loss_scope, read_references
 from jaxgpt.metrics import MetricWriter, StepMetrics, TrainingClock, format_duration, peak_flops_per_device
-from jaxgpt.model import GPT, flops_per_token, loss_sums, num_params
+from jaxgpt.model import GPT, build_model, flops_per_token, loss_sums, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.preemption import StopSignals
 from jaxgpt.sample import Sampling, complete
@@ -112,23 +112,12 @@ def _check_writable(workdir: str) -> None:
 
 def _check_tokenizer(workdir: str, tokenizer) -> None:
   """Refuses a workdir whose run used another tokenizer."""
-  saved = os.path.join(workdir, state_lib.TOKENIZER_FILE)
-  if os.path.isfile(saved):
-    from jaxgpt.data.tokenizer import Tokenizer
-    old = Tokenizer.load(saved)
-    if old.fingerprint != tokenizer.fingerprint:
-      raise JaxgptError(
-          f'{workdir} belongs to a run with a different tokenizer ({old.fingerprint}, now '
-          f'{tokenizer.fingerprint}): the data settings changed. Use the same data settings as '
-          'that run, or a new --workdir.')
-
-
-def _save_run_files(workdir: str, config, tokenizer) -> None:
-  """The config and tokenizer that sample, evaluate and serve read; written once resuming is known to work."""
-  if jax.process_index() == 0:
-    tokenizer.save(os.path.join(workdir, state_lib.TOKENIZER_FILE))
-    with open(os.path.join(workdir, state_lib.CONFIG_FILE), 'w') as f:
-      f.write(config.to_json(indent=2))
+  old = run_dir.saved_tokenizer(workdir)
+  if old is not None and old.fingerprint != tokenizer.fingerprint:
+    raise JaxgptError(
+        f'{workdir} belongs to a run with a different tokenizer ({old.fingerprint}, now '
+        f'{tokenizer.fingerprint}): the data settings changed. Use the same data settings as '
+        'that run, or a new --workdir.')
 
 
 def _num_bytes(tree) -> int:
@@ -192,7 +181,7 @@ def set_up(config, workdir: str):
   lock = run_lock.acquire(workdir)  # before anything writes to the workdir
   writer = MetricWriter(workdir)
   # Fine-tuning: the data is tokenized with the base model's own tokenizer.
-  base = state_lib.load_base(config) if config.init_from else None
+  base = inference.load_base(config) if config.init_from else None
   base_tokenizer = base.tokenizer if base else None
   if jax.process_index() == 0:  # one process builds the shared data cache; the others then reuse it
     data = builder.prepare(config.data, log=writer.log, tokenizer=base_tokenizer)
@@ -202,7 +191,7 @@ def set_up(config, workdir: str):
   tokenizer = data.tokenizer
   _check_tokenizer(workdir, tokenizer)
 
-  model = state_lib.build_model(config, tokenizer.vocab_size)
+  model = build_model(config, tokenizer.vocab_size)
   steps = config.train.num_steps
   tx = make_optimizer(config.optim, steps)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, keep_every=config.train.keep_every)
@@ -236,7 +225,8 @@ def set_up(config, workdir: str):
                  f'{jax.process_count()}: the model and optimizer resume exactly, but the data order '
                  'starts a new shuffle, so some documents come round again before others are seen. '
                  f'Resume with {saved_by} processes to continue the data exactly.')
-  _save_run_files(workdir, config, tokenizer)
+  if jax.process_index() == 0:  # what sample, evaluate and serve read; written once resuming is known to work
+    run_dir.write_run_files(workdir, config, tokenizer)
 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   param_shardings = state_lib.state_shardings(model, tx, config.seq_len, mesh, rules).params

@@ -21,6 +21,7 @@ import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxgpt import sharding, state as state_lib  # noqa: E402
+from jaxgpt.model import build_model  # noqa: E402
 from jaxgpt.checkpoint import Checkpointer  # noqa: E402
 from jaxgpt.config import base_config  # noqa: E402
 from jaxgpt.data.pipeline import random_batch  # noqa: E402
@@ -46,7 +47,7 @@ def main():
   config.mesh.update(data=2, fsdp=-1, tensor=1)
   config.optim.warmup_steps = 1  # full-size updates: 3 steps move the loss well beyond the tolerances
   mesh = sharding.make_mesh(config.mesh)
-  model = state_lib.build_model(config, VOCAB)
+  model = build_model(config, VOCAB)
   tx = make_optimizer(config.optim, 10)
   state = state_lib.create_state(model, tx, SEQ, mesh, jax.random.key(0))
   shardings = jax.tree.map(lambda x: x.sharding, state)

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxgpt import sharding, state as state_lib  # noqa: E402
+from jaxgpt.model import build_model  # noqa: E402
 from jaxgpt.checkpoint import Checkpointer  # noqa: E402
 from jaxgpt.config import base_config  # noqa: E402
 from jaxgpt.data.pipeline import random_batch  # noqa: E402
@@ -42,7 +43,7 @@ def setup(mesh_shape, seq=SEQ, attention='auto'):
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   sharding.check_divisibility(config, mesh.shape)
-  model = state_lib.build_model(config, VOCAB)
+  model = build_model(config, VOCAB)
   tx = make_optimizer(config.optim, 10)
   abstract = state_lib.abstract_state(model, tx, seq, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)

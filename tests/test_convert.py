@@ -10,7 +10,8 @@ from safetensors.numpy import load_file
 
 from conftest import run_module
 from hf_models import EOS, hf_logits, require_transformers, save_gpt2, save_llama, save_tokenizer
-from jaxgpt import convert, hf, state
+from jaxgpt import convert, hf, inference, run_dir, state
+from jaxgpt.model import build_model
 from jaxgpt.config import JaxgptError, base_config
 from jaxgpt.data.tokenizer import load_byte_level_bpe
 
@@ -21,8 +22,8 @@ WIDE = 0.2
 
 
 def _jaxgpt_logits(workdir):
-  config, tokenizer = state.load_run(workdir)
-  model, params, _ = state.load_params(config, tokenizer, workdir)
+  config, tokenizer = run_dir.load_run(workdir)
+  model, params, _ = inference.load_params(config, tokenizer, workdir)
   return np.asarray(model.apply({'params': params}, jnp.array(IDS)))
 
 
@@ -59,7 +60,7 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, arc
   if arch == 'llama':
     config.model.update(num_kv_heads=2, position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
                         tie_embeddings=False)
-  model = state.build_model(config, tokenizer.vocab_size)
+  model = build_model(config, tokenizer.vocab_size)
   params = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params']
   # Random norms and biases, so that a wrong mapping of any tensor changes the logits.
   params = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x, params,

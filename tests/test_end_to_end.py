@@ -185,14 +185,14 @@ def test_export_loads_in_transformers_with_the_logits_of_the_run(config, command
   import jax.numpy as jnp
   import torch
   import transformers
-  from jaxgpt import state
+  from jaxgpt import inference, run_dir
   flow_name, run, exported = EXPORTS[config]
   flow = command_runs.flow(flow_name)
   with home_as(flow.home):  # a LoRA run reads its base model from ~/models/gpt2
     run, exported = os.path.join(flow.directory, run), os.path.join(flow.directory, os.path.expanduser(exported))
     model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
-    run_config, tokenizer = state.load_run(run)
-    jax_model, params, _ = state.load_params(run_config, tokenizer, run)
+    run_config, tokenizer = run_dir.load_run(run)
+    jax_model, params, _ = inference.load_params(run_config, tokenizer, run)
   assert type(model).__name__ == ('LlamaForCausalLM' if config == 'llama_tiny' else 'GPT2LMHeadModel')
   ids = [tokenizer.encode('the lazy dog jumps')]
   assert transformers.AutoTokenizer.from_pretrained(exported)('the lazy dog jumps')['input_ids'] == ids[0]

@@ -11,12 +11,12 @@ import pytest
 
 from conftest import apply_overrides
 from hf_models import save_gpt2
-from jaxgpt import state
+from jaxgpt import inference, run_dir
 from jaxgpt.config import JaxgptError, base_config
 from jaxgpt.data import instructions, pipeline
 from jaxgpt.data.tokenizer import load_byte_level_bpe
 from jaxgpt.sample import Sampling, complete
-from jaxgpt.model import loss_sums
+from jaxgpt.model import build_model, loss_sums
 from jaxgpt.train import train
 from test_configs import load
 
@@ -63,7 +63,7 @@ def test_masked_targets_contribute_nothing():
                                       process_index=0, process_count=1))
   assert 0 < batch['loss_mask'].sum() < 0.7 * batch['loss_mask'].size
   config = apply_overrides(base_config(), TINY_GPT2)
-  model = state.build_model(config, 64)
+  model = build_model(config, 64)
   params = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x,
                         model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'],
                         is_leaf=lambda x: hasattr(x, 'unbox'))
@@ -104,13 +104,13 @@ def test_instruction_tuning_learns_upper_casing(tmp_path, data_cache):
       'optim.weight_decay': 0.0, 'train.num_steps': 200, 'train.eval_every': 200, 'train.eval_batches': 2,
       'train.checkpoint_every': 200, 'train.log_every': 100, 'train.peak_flops_per_device': 1e11,
       'sample.prompts': ()})
-  base = state.load_base(config)
-  model = state.build_model(config, base.tokenizer.vocab_size)
+  base = inference.load_base(config)
+  model = build_model(config, base.tokenizer.vocab_size)
   before = _accuracy(model, base.params, base.tokenizer, held_out)
   train(config, str(tmp_path / 'run'))
-  run_config, tokenizer = state.load_run(str(tmp_path / 'run'))
+  run_config, tokenizer = run_dir.load_run(str(tmp_path / 'run'))
   assert tokenizer.fingerprint == base.tokenizer.fingerprint
-  model, params, _ = state.load_params(run_config, tokenizer, str(tmp_path / 'run'))
+  model, params, _ = inference.load_params(run_config, tokenizer, str(tmp_path / 'run'))
   after = _accuracy(model, params, tokenizer, held_out)
   print(f'exact match on 40 unseen words: {before:.2f} before, {after:.2f} after fine-tuning')
   assert before <= 0.05 and after >= 0.8
@@ -121,12 +121,12 @@ def test_init_from_refuses_another_shape_or_tokenizer(tmp_path):
   config = apply_overrides(base_config(), {'init_from': str(tmp_path / 'hf'), 'model.num_layers': 2,
                                            'model.num_heads': 2, 'model.embed_dim': 48, 'model.max_len': 64})
   with pytest.raises(JaxgptError, match='embed_dim: base 32, config 48'):
-    state.load_base(config)
+    inference.load_base(config)
   config.model.update(embed_dim=32, mlp_dim=128)
   save_gpt2(str(tmp_path / 'other'), vocab_size=300)
   config.data.tokenizer.update(kind='byte_bpe', path=str(tmp_path / 'other' / 'tokenizer.json'))
   with pytest.raises(JaxgptError, match='use the same tokenizer as your base model'):
-    state.load_base(config)
+    inference.load_base(config)
 
 
 # docs/finetuning.md's commands (import, fine-tune, export, then load in transformers with the same logits)

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import override_args, run_module
 from hf_models import save_gpt2
-from jaxgpt import hf, lora, sharding, state
+from jaxgpt import hf, inference, lora, run_dir, sharding, state
+from jaxgpt.model import build_model
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, base_config
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
@@ -33,7 +34,7 @@ def _config(**lora_settings):
 
 
 def _base(config):
-  model = state.build_model(config, 50)
+  model = build_model(config, 50)
   init = jax.jit(lambda rng: nn.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']))
   return model, init(jax.random.key(0))
 
@@ -157,8 +158,8 @@ def test_lora_config_trains_saves_adapters_and_exports_merged(tmp_path, data_cac
   print(*[line for line in result.stdout.splitlines() if 'optimizer state' in line or 'LoRA' in line], sep='\n')
 
   # The checkpoint holds the adapters and their optimizer state, nothing of the base.
-  config, tokenizer = state.load_run(run)
-  model = state.build_model(config, tokenizer.vocab_size)
+  config, tokenizer = run_dir.load_run(run)
+  model = build_model(config, tokenizer.vocab_size)
   tx = make_optimizer(config.optim, config.train.num_steps)
   checkpoint = Checkpointer(run)
   adapters = checkpoint.restore(4, state.abstract_state(model, tx, config.seq_len, _one_device_mesh(),
@@ -175,7 +176,7 @@ def test_lora_config_trains_saves_adapters_and_exports_merged(tmp_path, data_cac
   result = run_module('jaxgpt.convert', f'--workdir={run}', f'--export_hf={out}')
   assert result.returncode == 0, result.stderr[-3000:]
 
-  base = state.load_base(config)
+  base = inference.load_base(config)
   merged = lora.merge(base.params, adapters, config.lora)
   ids = [tokenizer.encode('the lazy dog jumps')]
   ours = np.asarray(model.apply({'params': merged}, jnp.array(ids)))
@@ -183,6 +184,6 @@ def test_lora_config_trains_saves_adapters_and_exports_merged(tmp_path, data_cac
     exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(torch.tensor(ids)).logits.numpy()
     original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(exported, ours, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(model.apply({'params': state.load_params(config, tokenizer, run)[1]},
+  np.testing.assert_allclose(np.asarray(model.apply({'params': inference.load_params(config, tokenizer, run)[1]},
                                                     jnp.array(ids))), ours, atol=1e-5)
   assert not np.allclose(exported, original, atol=1e-3)

@@ -27,7 +27,8 @@ import pytest
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
 from conftest import REPO, TINY_OVERRIDES, override_args
-from jaxgpt import checkpoint, run_lock, sharding, state as state_lib
+from jaxgpt import checkpoint, inference, run_dir, run_lock, sharding
+from jaxgpt.model import build_model, state as state_lib
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError
 from jaxgpt.data import builder, pipeline
@@ -80,8 +81,8 @@ def _wait_until(condition, proc, what: str, timeout=240):
 
 
 def _final_params(workdir):
-  config, tokenizer = state_lib.load_run(str(workdir))
-  _, params, step = state_lib.load_params(config, tokenizer, str(workdir))
+  config, tokenizer = run_dir.load_run(str(workdir))
+  _, params, step = inference.load_params(config, tokenizer, str(workdir))
   return step, params
 
 
@@ -225,9 +226,9 @@ def _copy_run(reference, workdir):
 
 def _restore_latest(workdir, log=print, **model_overrides):
   """(step, state) as a resumed run restores them (its data position aside), with `model_overrides` in its config."""
-  config, tokenizer = state_lib.load_run(str(workdir))
+  config, tokenizer = run_dir.load_run(str(workdir))
   config.model.update(model_overrides)
-  model = state_lib.build_model(config, tokenizer.vocab_size)
+  model = build_model(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
   abstract = state_lib.abstract_state(model, make_optimizer(config.optim, config.train.num_steps), config.seq_len, mesh)
   with Checkpointer(str(workdir)) as checkpointer:
@@ -352,7 +353,7 @@ def _nonfinite_config(tiny_config, on_nonfinite):
 
 def test_a_nonfinite_batch_is_not_applied(tiny_config):
   data = builder.prepare(tiny_config.data, log=lambda m: None)
-  model = state_lib.build_model(tiny_config, data.tokenizer.vocab_size)
+  model = build_model(tiny_config, data.tokenizer.vocab_size)
   tx = make_optimizer(tiny_config.optim, 10)
   mesh = sharding.make_mesh(tiny_config.mesh)
   state = state_lib.create_state(model, tx, tiny_config.seq_len, mesh, jax.random.key(0))
@@ -389,7 +390,7 @@ def test_nonfinite_updates_are_skipped_and_counted(tiny_config, tmp_path, capsys
   records = _records(tmp_path)
   assert [r['step'] for r in records] == [1, 2, 3, 4] and all(r['skipped'] for r in records)
   data = builder.prepare(config.data, log=lambda m: None)
-  model = state_lib.build_model(config, data.tokenizer.vocab_size)
+  model = build_model(config, data.tokenizer.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
   initial = state_lib.create_state(model, make_optimizer(config.optim, 4), config.seq_len, mesh,
                                    jax.random.key(config.seed))

@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from conftest import REPO
-from jaxgpt import state
+from jaxgpt import inference, run_dir
 from jaxgpt.sample import Sampling, complete, encode_prompt
 from jaxgpt.serve import Engine, Job
 
@@ -60,8 +60,8 @@ def _stop(process):
 @pytest.fixture(scope='module')
 def loaded_run(trained_run):
   """(model, params, tokenizer) of the trained run, in this process."""
-  config, tokenizer = state.load_run(trained_run)
-  model, params, _ = state.load_params(config, tokenizer, trained_run)
+  config, tokenizer = run_dir.load_run(trained_run)
+  model, params, _ = inference.load_params(config, tokenizer, trained_run)
   return model, params, tokenizer
 
 

@@ -4,6 +4,8 @@ import jax
 import numpy as np
 
 from jaxgpt import sharding, state as state_lib
+
+from jaxgpt.model import build_model
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.data import builder, pipeline
 from jaxgpt.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
@@ -15,7 +17,7 @@ def _setup(config, accum=1):
   config.optim.grad_accum_steps = accum
   data = builder.prepare(config.data, log=lambda m: None)
   mesh = sharding.make_mesh(config.mesh)
-  model = state_lib.build_model(config, data.tokenizer.vocab_size)
+  model = build_model(config, data.tokenizer.vocab_size)
   tx = make_optimizer(config.optim, config.train.num_steps)
   state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(0))
   step = jax.jit(make_train_step(model, tx, learning_rate_schedule(config.optim, config.train.num_steps), accum))
@@ -127,9 +129,11 @@ def test_chunked_loss_gives_the_same_training_step(tiny_config):
     state, metrics = step(state, next(batches))
     results.append((float(metrics['loss']), state.params))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
-  assert _largest_change(initial, results[1][1]) > 100 * 1e-6  # the step moved the weights beyond the tolerance
+  # Adam divides by the gradient's root mean square, which lifts float32 rounding in tiny gradients to ~1e-6.
+  tolerance = 5e-6
+  assert _largest_change(initial, results[1][1]) > 100 * tolerance  # the step moved the weights beyond it
   for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=tolerance)
 
 
 def test_the_training_clock_leaves_out_paused_time():

@@ -26,7 +26,7 @@ from jaxgpt import sharding, state as state_lib  # noqa: E402
 from jaxgpt.config import base_config, define_config_flag, run_cli  # noqa: E402
 from jaxgpt.data.pipeline import random_batch  # noqa: E402
 from jaxgpt.metrics import peak_flops_per_device  # noqa: E402
-from jaxgpt.model import flops_per_token  # noqa: E402
+from jaxgpt.model import build_model, flops_per_token  # noqa: E402
 from jaxgpt.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from jaxgpt.train import make_train_step  # noqa: E402
 
@@ -56,7 +56,7 @@ def _batch(config, step: int) -> dict:
 def measure(config, peak: float, steps: int = 10, rounds: int = 3) -> dict:
   """Compiles the train step for `config`, then times `rounds` x `steps` steps (median per round)."""
   mesh = sharding.make_mesh(config.mesh)
-  model = state_lib.build_model(config, config.data.vocab_size)
+  model = build_model(config, config.data.vocab_size)
   tx = make_optimizer(config.optim, 1000)
   state = state_lib.create_state(model, tx, config.seq_len, mesh, jax.random.key(0))
   shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -94,7 +94,7 @@ def measure(config, peak: float, steps: int = 10, rounds: int = 3) -> dict:
 def compile_seconds(config) -> float:
   """Time to trace, lower and compile the train step alone (no run)."""
   mesh = sharding.make_mesh(config.mesh)
-  model = state_lib.build_model(config, config.data.vocab_size)
+  model = build_model(config, config.data.vocab_size)
   tx = make_optimizer(config.optim, 1000)
   abstract = state_lib.abstract_state(model, tx, config.seq_len, mesh)
   step_fn = jax.jit(make_train_step(model, tx, learning_rate_schedule(config.optim, 1000), 1))
