@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import GPT2_ARCHITECTURE, REPO, TINY_OVERRIDES, override_args, run_module
+from conftest import REPO, run_module
 from jaxgpt.config import validate
 from jaxgpt.model import GPT, ModelConfig, num_params
 
@@ -45,14 +45,6 @@ def test_every_config_file_is_covered():
       'quickstart', 'gpt2', 'llama_tiny', 'llama_1b', 'web_text',
       'finetune_gpt2', 'sft_alpaca',  # exercised by tests/test_finetune.py
       'lora'}  # exercised by tests/test_lora.py
-
-
-def test_llama_tiny_trains_through_the_cli(tmp_path, data_cache):
-  overrides = {k: v for k, v in TINY_OVERRIDES.items() if k != 'model.num_heads' and k not in GPT2_ARCHITECTURE}
-  result = run_module('jaxgpt.train', '--config', 'configs/llama_tiny.py', '--workdir', str(tmp_path / 'run'),
-                      *override_args(overrides), '--config.train.num_steps=5', f'--config.data.cache_dir={data_cache}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'step 5/5 | loss' in result.stdout and 'validation loss' in result.stdout
 
 
 def test_plan_shards_memory_by_the_mesh():

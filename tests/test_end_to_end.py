@@ -9,6 +9,7 @@ no page trains, gets a flow of its own. Every command must exit 0 and print fini
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -89,6 +90,12 @@ CHAINS = {
         *_serve_and_ask('runs/sft', '<|user|>\\nUpper-case the word.\\n\\nfox\\n<|assistant|>\\n'),
         _evaluate('runs/lora'),
         *_serve_and_ask('runs/lora', 'The quick'),
+        # Moved from tests/test_lora.py: a LoRA checkpoint resumes only with the adapters' own rank.
+        Step('resuming LoRA with another rank is refused',
+             'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora '
+             '--config.init_from=~/models/gpt2 --config.data.path=my_text.jsonl '
+             + append({**FINETUNE_TINY, 'lora.rank': 4}),
+             Run(exit_code=2, expect=_refused('lora_rank: checkpoint 8, config 4'))),
         # Moved from tests/test_finetune.py: a shape other than the base model's is refused, naming the field.
         Step('fine-tuning another shape is refused',
              'python -m jaxgpt.train --config configs/finetune_gpt2.py --workdir runs/bad '
@@ -172,7 +179,8 @@ def test_config_trains_evaluates_samples_serves_and_exports(config, command_runs
 
 
 @pytest.mark.parametrize('label', ['resuming with other data settings is refused',
-                                   'fine-tuning another shape is refused'])
+                                   'fine-tuning another shape is refused',
+                                   'resuming LoRA with another rank is refused'])
 def test_a_run_refuses_what_it_was_not_made_for(label, command_runs):
   flow = command_runs.flow(next(name for name, steps in CHAINS.items() if any(s.label == label for s in steps)))
   failure = check_step(flow, next(s for s in flow.steps if s.label == label))
@@ -199,3 +207,33 @@ def test_export_loads_in_transformers_with_the_logits_of_the_run(config, command
   with torch.no_grad():
     theirs = model(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(theirs, np.asarray(jax_model.apply({'params': params}, jnp.array(ids))), atol=1e-4)
+
+
+def test_lora_checkpoint_holds_trained_adapters_only_and_export_merges_them(command_runs):
+  """Moved from tests/test_lora.py, on docs/finetuning.md's LoRA run: what its checkpoint holds, and what
+  its export adds to the base model."""
+  import torch
+  import transformers
+  from jaxgpt import run_dir, state
+  from jaxgpt.checkpoint import Checkpointer
+  from jaxgpt.model import build_model
+  from jaxgpt.optim import make_optimizer
+  from jaxgpt.sharding import make_mesh
+  flow = command_runs.flow('finetuning')
+  assert not check_step(flow, next(s for s in flow.steps if s.name == FINETUNING['lora export']))
+  run = os.path.join(flow.directory, 'runs/lora')
+  config, tokenizer = run_dir.load_run(run)
+  mesh = make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  abstract = state.abstract_state(build_model(config, tokenizer.vocab_size),
+                                  make_optimizer(config.optim, config.train.num_steps), config.seq_len, mesh,
+                                  lora_cfg=config.lora)
+  with Checkpointer(run) as checkpoints:
+    adapters = checkpoints.restore(checkpoints.latest_step(), abstract).params
+  assert {k for layer in adapters.values() for k in layer} == {'query', 'key', 'value', 'out'}
+  assert {k for layer in adapters.values() for adapter in layer.values() for k in adapter} == {'lora_a', 'lora_b'}
+  assert float(np.abs(adapters['blocks']['query']['lora_b']).max()) > 0  # training moved the adapters (from zero)
+  ids = torch.tensor([tokenizer.encode('the lazy dog jumps')])
+  with torch.no_grad():
+    exported, base = (transformers.AutoModelForCausalLM.from_pretrained(os.path.join(flow.home, d)).eval()(ids)
+                      .logits.numpy() for d in ('models/gpt2-lora', 'models/gpt2'))
+  assert np.abs(exported - base).max() > 1e-5  # the export is the base with the adapters merged, not the base

@@ -1,6 +1,8 @@
-"""LoRA: merged kernels equal base + adapter path, only adapters train, adapters export merged."""
+"""LoRA: merged kernels equal base + adapter path, only adapters train, bad settings are refused.
 
-import json
+The LoRA config through the commands (train, refuse another rank, sample, export merged) runs in
+tests/test_end_to_end.py, on docs/finetuning.md's LoRA run.
+"""
 
 import flax.linen as nn
 import jax
@@ -9,15 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import override_args, run_module
-from hf_models import save_gpt2
-from jaxgpt import hf, inference, lora, run_dir, sharding, state
+from jaxgpt import hf, lora, sharding, state
 from jaxgpt.model import build_model
-from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, base_config
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.train import make_train_step
-from test_finetune import TINY_GPT2
 
 # Each target as the model applies it to a layer's input: (input shape for n tokens, einsum).
 APPLY = {'query': ('n d', 'nd,dhk->nhk'), 'key': ('n d', 'nd,dhk->nhk'), 'value': ('n d', 'nd,dhk->nhk'),
@@ -137,53 +135,3 @@ def test_lora_settings_that_cannot_work_are_refused():
   _, params = _base(config)
   with pytest.raises(JaxgptError, match=r"\['mlp_gate'\], which this model does not have"):
     lora.init_adapters(jax.random.key(0), params, config.lora)
-
-
-def test_lora_config_trains_saves_adapters_and_exports_merged(tmp_path, data_cache):
-  """configs/lora.py through the CLI: train adapters on a tiny GPT-2, sample, export, load in transformers."""
-  import torch
-  import transformers
-  hf_dir, run, out = str(tmp_path / 'hf'), str(tmp_path / 'run'), str(tmp_path / 'out')
-  save_gpt2(hf_dir, width=64, positions=64)
-  with open(tmp_path / 'text.jsonl', 'w') as f:
-    f.writelines(json.dumps({'text': f'the quick brown fox number {i} jumps over the lazy dog'}) + '\n'
-                 for i in range(60))
-  overrides = {**TINY_GPT2, 'seq_len': 32, 'batch_size': 4, 'init_from': hf_dir, 'data.path': str(tmp_path / 'text.jsonl'),
-               'data.cache_dir': data_cache, 'data.num_workers': 1, 'optim.lr': 3e-2, 'optim.warmup_steps': 1,
-               'train.num_steps': 4, 'train.eval_every': 4, 'train.eval_batches': 1, 'train.checkpoint_every': 4,
-               'train.log_every': 1, 'train.peak_flops_per_device': 1e11, 'sample.max_new_tokens': 4}
-  result = run_module('jaxgpt.train', '--config', 'configs/lora.py', '--workdir', run, *override_args(overrides))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'LoRA rank 8 on query, key, value, out' in result.stdout and 'step 4/4' in result.stdout
-  print(*[line for line in result.stdout.splitlines() if 'optimizer state' in line or 'LoRA' in line], sep='\n')
-
-  # The checkpoint holds the adapters and their optimizer state, nothing of the base.
-  config, tokenizer = run_dir.load_run(run)
-  model = build_model(config, tokenizer.vocab_size)
-  tx = make_optimizer(config.optim, config.train.num_steps)
-  checkpoint = Checkpointer(run)
-  adapters = checkpoint.restore(4, state.abstract_state(model, tx, config.seq_len, _one_device_mesh(),
-                                                        lora_cfg=config.lora)).params
-  checkpoint.close()
-  assert {k for layer in adapters.values() for k in layer} == {'query', 'key', 'value', 'out'}
-  assert float(jnp.abs(adapters['blocks']['query']['lora_b']).max()) > 0  # training moved the adapters
-
-  result = run_module('jaxgpt.train', '--config', 'configs/lora.py', '--workdir', run, *override_args(overrides),
-                      '--config.lora.rank=4')
-  assert result.returncode == 2 and 'lora_rank: checkpoint 8, config 4' in result.stderr, result.stderr[-3000:]
-  result = run_module('jaxgpt.sample', f'--workdir={run}', '--prompt=the quick', '--max_new_tokens=4')
-  assert result.returncode == 0 and '# step 4 of' in result.stdout, result.stderr[-3000:]
-  result = run_module('jaxgpt.convert', f'--workdir={run}', f'--export_hf={out}')
-  assert result.returncode == 0, result.stderr[-3000:]
-
-  base = inference.load_base(config)
-  merged = lora.merge(base.params, adapters, config.lora)
-  ids = [tokenizer.encode('the lazy dog jumps')]
-  ours = np.asarray(model.apply({'params': merged}, jnp.array(ids)))
-  with torch.no_grad():
-    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(torch.tensor(ids)).logits.numpy()
-    original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()(torch.tensor(ids)).logits.numpy()
-  np.testing.assert_allclose(exported, ours, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(model.apply({'params': inference.load_params(config, tokenizer, run)[1]},
-                                                    jnp.array(ids))), ours, atol=1e-5)
-  assert not np.allclose(exported, original, atol=1e-3)
