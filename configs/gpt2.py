@@ -1,13 +1,15 @@
 """GPT-2 small / medium / large / xl, for TPU VMs and GPU nodes.
 
   python -m jaxgpt.train --config configs/gpt2.py:medium --workdir gs://BUCKET/runs/gpt2-medium \
-      --config.data.source=jsonl --config.data.path=/data/corpus.jsonl
+      --config.data.source=jsonl --config.data.path=gs://BUCKET/data/corpus.jsonl
 
 Context 1024, bf16 compute with fp32 weights, 0.5M tokens per step (512 x 1024),
-FSDP over every device (mesh.fsdp=-1) and gradient accumulation sized so one
-microbatch fits a 16 GiB TPU v5e chip at 8+ chips. The vocabulary is 50304:
-GPT-2's 50257 rounded up to a multiple of 128 for fast matmuls. Check a mesh
-before launching: python tools/plan.py --config configs/gpt2.py:xl --devices 64
+FSDP over the devices of a slice or GPU host (mesh.fsdp=-1; the batch is split
+across slices, mesh.dcn_data=-1) and gradient accumulation sized so one
+microbatch fits a 16 GiB TPU v5e chip at 8 chips. With 8x the chips, divide
+optim.grad_accum_steps by 8. The vocabulary is 50304: GPT-2's 50257 rounded up
+to a multiple of 128 for fast matmuls. Check a mesh before launching:
+python tools/plan.py --config configs/gpt2.py:xl --devices 64 --config.optim.grad_accum_steps=8
 """
 
 from jaxgpt.config import base_config

@@ -1,13 +1,17 @@
-"""A Llama-style ~1.2B model: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied output.
+"""A Llama-style ~1.1B model: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied output.
 
   python -m jaxgpt.train --config configs/llama_1b.py --workdir gs://BUCKET/runs/llama1b \
-      --config.data.source=jsonl --config.data.path=/data/corpus.jsonl
+      --config.data.source=jsonl --config.data.path=gs://BUCKET/data/corpus.jsonl
 
 Shaped like Llama 3.2 1B (16 layers, width 2048, 32 query / 8 kv heads, MLP 8192)
-with a 32k SentencePiece vocabulary and context 2048. Suggested meshes (check
-with tools/plan.py): TPU v5e-16 -> fsdp=16; v5p-32 or 32 GPUs -> data=2, fsdp=16;
-with tensor parallelism inside a node of 8 GPUs -> fsdp=-1, tensor=8 (heads and
-kv heads both divide by 8). `configs/llama_tiny.py` is the same architecture at CPU size.
+with a 32k SentencePiece vocabulary and context 2048. As configured, FSDP over the
+devices of a slice (mesh.fsdp=-1) and the batch split across slices or GPU hosts
+(mesh.dcn_data=-1): TPU v5e-16 or v5p-32 (both 16 chips; a v5p name counts
+TensorCores) -> fsdp=16; 4 GPU hosts of 8 -> fsdp=8 in each host x data=4 across
+them, with optim.grad_accum_steps=8 so each of the 32 devices gets rows; tensor
+parallelism inside a host of 8 GPUs -> fsdp=-1, tensor=8 (heads and kv heads both
+divide by 8). Check a mesh with tools/plan.py before launching.
+`configs/llama_tiny.py` is the same architecture at CPU size.
 """
 
 from jaxgpt.config import base_config

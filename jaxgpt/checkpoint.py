@@ -14,7 +14,6 @@ failing the run stops without moving anything.
 """
 
 import errno
-import os
 import re
 import time
 
@@ -24,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 
 # The model fields that decide the parameters' shapes: a base model (init_from) must agree on them.
@@ -76,7 +76,7 @@ class Checkpointer:
   Without `keep` it only reads, and never touches a save that a running training is writing."""
 
   def __init__(self, workdir: str, keep: int | None = None, keep_every: int = 0):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = paths.path(workdir) / 'checkpoints'  # a local path or a bucket URL
     if keep is None:
       options = ocp.CheckpointManagerOptions(create=False)  # (read_only=True logs a warning on every use)
     else:
@@ -110,8 +110,8 @@ class Checkpointer:
   def data_saved_by_other_process_count(self, step: int) -> int | None:
     """The number of processes that wrote the step's data positions (one file each) when it is not
     this run's; None when it is, or when the step has none."""
-    directory = os.path.join(self.directory, str(step), 'data')
-    names = os.listdir(directory) if os.path.isdir(directory) else []
+    directory = self.directory / str(step) / 'data'
+    names = [p.name for p in directory.iterdir()] if directory.is_dir() else []
     counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json$').match, names) if m}
     return counts.pop() if len(counts) == 1 and jax.process_count() not in counts else None
 
@@ -125,6 +125,18 @@ class Checkpointer:
     if data_iterator is not None and not self.data_saved_by_other_process_count(step):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._restore(step, **items)['state']
+
+  def restore_params(self, step: int, abstract_params):
+    """The state's params alone, for inference: the optimizer state is never read (a partial restore).
+
+    Each leaf of `abstract_params` (ShapeDtypeStructs) gives its array's dtype, cast as it is read,
+    and its sharding; one without a sharding comes back as a NumPy array. A Checkpointer that has
+    restored params restores no whole state (Orbax keeps the first way an item was read).
+    """
+    item = {'params': abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return self._restore(step, state=args)['state']['params']
 
   def restore_latest(self, abstract_state, data_iterator, expected_meta: dict, log):
     """(step, state) from the newest step that restores, or None when there is no step.
@@ -163,7 +175,7 @@ class Checkpointer:
     """The step's state once its meta matches the run's, reading it again while the storage fails transiently."""
     for attempt, pause in enumerate((*RETRY_PAUSES_SECONDS, None), start=1):
       try:
-        check_compatible(self.read_meta(step), expected_meta, os.path.dirname(self.directory))
+        check_compatible(self.read_meta(step), expected_meta, self.directory.parent)
         return self.restore(step, abstract_state, data_iterator)
       except StorageUnavailable as e:
         if pause is None:
@@ -174,11 +186,11 @@ class Checkpointer:
 
   def _move_aside(self, failures, log) -> None:
     for step, reason in failures:
-      damaged = os.path.join(self.directory, f'{step}.damaged-{time.strftime("%Y%m%d-%H%M%S")}')
+      damaged = self.directory / f'{step}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
       log(f'warning: checkpoint step {step} is damaged ({reason}); moved it to {damaged} '
           'and resumed from an earlier step.')
       if jax.process_index() == 0:
-        os.rename(os.path.join(self.directory, str(step)), damaged)
+        (self.directory / str(step)).rename(damaged)  # in a bucket: a copy, then a delete
     if failures:
       multihost_utils.sync_global_devices('jaxgpt damaged checkpoints moved')
       self._manager.reload()

@@ -55,6 +55,8 @@ def base_config() -> ConfigDict:
   c.data.on_bad_utf8 = 'skip'  # 'skip' (counted and named), 'repair' (bad bytes become U+FFFD, counted) or 'error'
   c.data.vocab_size = 4096  # SentencePiece vocabulary, trained on the cleaned train split
   c.data.num_workers = 0  # processes that clean documents; 0 = one per core, 1 = none (in this process)
+  # 'local' (num_workers processes here) or 'beam' (an Apache Beam pipeline; same result; docs/data.md).
+  c.data.executor = 'local'
   c.data.cache_dir = '~/.cache/jaxgpt'  # tokenizer and TFDS dataset, reused across runs
   c.data.shuffle = True
 
@@ -169,10 +171,17 @@ def base_config() -> ConfigDict:
   # XLA's persistent compilation cache: a restarted job reuses compiled steps. '' disables it.
   c.train.compilation_cache_dir = '~/.cache/jaxgpt/xla'
 
+  # The device mesh (docs/sharding.md). data, fsdp and tensor shape the devices of one slice (a TPU
+  # slice, or a GPU host: devices on fast links); -1 takes the devices the other axes leave.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 takes the devices the other axes leave
+  c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Several slices (TPU multi-slice, several GPU hosts): how the data and fsdp axes also span them
+  # over the slower data-centre network. -1 takes the slices dcn_fsdp leaves, so by default the
+  # batch is split across slices and each slice holds a full copy of what mesh.fsdp shards.
+  c.mesh.dcn_data = -1
+  c.mesh.dcn_fsdp = 1
   # Overrides of jaxgpt.sharding.LOGICAL_RULES, e.g. (('vocab', None),) to replicate the vocabulary.
   c.mesh.rules = ()
 

@@ -10,12 +10,11 @@ included; a LoRA run is exported with its adapters merged into the base.
 """
 
 import json
-import os
 
+import safetensors.numpy
 from absl import flags
-from safetensors.numpy import save_file
 
-from jaxgpt import hf, inference, run_dir, state as state_lib
+from jaxgpt import hf, inference, paths, run_dir, state as state_lib
 from jaxgpt.config import JaxgptError, base_config, run_cli
 
 
@@ -26,7 +25,7 @@ def import_hf(directory: str, workdir: str) -> str:
   config.model.update(fields)
   config.seq_len = min(config.seq_len, config.model.max_len)
   config.data.tokenizer.update(kind='byte_bpe', eos_token=tokenizer.eos_token,
-                               path=hf.tokenizer_path(os.path.abspath(os.path.expanduser(directory))))
+                               path=hf.tokenizer_path(str(paths.path(directory))))
   state_lib.save_initial_run(config, tokenizer, params, workdir)
   return workdir
 
@@ -38,18 +37,19 @@ def export_hf(workdir: str, directory: str, step: int | None = None) -> str:
   if tokenizer.kind != 'byte_bpe':
     raise JaxgptError(f'{workdir} uses a {tokenizer.kind} tokenizer; Hugging Face export needs the byte-level '
                       'BPE tokenizer of a base model (train with --config.init_from, or data.tokenizer.kind=byte_bpe).')
-  _, params, _ = inference.load_params(config, tokenizer, workdir, step)
-  directory = os.path.expanduser(directory)
-  os.makedirs(directory, exist_ok=True)
-  save_file(hf.params_to_hf(params, kind), os.path.join(directory, hf.HF_WEIGHTS), metadata={'format': 'pt'})
-  with open(os.path.join(directory, hf.HF_CONFIG), 'w') as f:
-    json.dump(hf.hf_config(config.model, tokenizer.vocab_size, tokenizer.eos_id), f, indent=2)
-  with open(os.path.join(directory, 'tokenizer.json'), 'w') as f:
-    f.write(tokenizer.tokenizer_json)
+  params = inference.load(config, tokenizer, workdir, step, dtype='float32').params  # exported as trained
+  directory = paths.expand(directory)
+  out = paths.path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  weights = safetensors.numpy.save(hf.params_to_hf(params, kind), metadata={'format': 'pt'})
+  (out / hf.HF_WEIGHTS).write_bytes(weights)
+  (out / hf.HF_CONFIG).write_text(json.dumps(hf.hf_config(config.model, tokenizer.vocab_size, tokenizer.eos_id),
+                                             indent=2))
+  (out / 'tokenizer.json').write_text(tokenizer.tokenizer_json)
   eos = tokenizer.eos_token
-  with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
-    json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': eos, 'eos_token': eos,
-               'unk_token': eos, 'model_max_length': config.model.max_len}, f, indent=2)
+  (out / 'tokenizer_config.json').write_text(json.dumps(
+      {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': eos, 'eos_token': eos, 'unk_token': eos,
+       'model_max_length': config.model.max_len}, indent=2))
   return directory
 
 

@@ -10,18 +10,21 @@
 
 The computations live in jaxgpt/evaluation.py, shared with training's
 validations. Results go to `DIR/eval/step_N/results.json` and to TensorBoard
-(`eval/...`).
+(`eval/...`). It all runs on a mesh of every device (`--mesh.*`); with
+`--distributed.*` several processes run it together and process 0 writes
+(docs/sharding.md).
 """
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 from absl import flags
+from jax.experimental import multihost_utils
 
-from jaxgpt import inference, run_dir, sharding
+from jaxgpt import inference, paths, run_dir, sharding
 from jaxgpt.config import JaxgptError, run_cli
 from jaxgpt.data import builder, sources
 from jaxgpt.evaluation import (eval_sums, generation_metrics, held_out_metrics, language_model_metrics,
@@ -33,30 +36,44 @@ RESULTS_FILE = 'results.json'
 
 
 def run_data(config, tokenizer) -> builder.PreparedData:
-  """The run's dataset as training prepared it (built again if the cache is gone)."""
+  """The run's dataset as training prepared it (built again, by process 0 first, if the cache is gone)."""
   # Training tokenized a fine-tuned run's data with the base model's tokenizer, saved as the run's own.
-  data = builder.prepare(config.data, log=lambda message: None, tokenizer=tokenizer if config.init_from else None)
+  prepare = lambda: builder.prepare(config.data, log=lambda message: None,
+                                    tokenizer=tokenizer if config.init_from else None)
+  if jax.process_index() == 0:  # the others then reuse its cache
+    data = prepare()
+  multihost_utils.sync_global_devices('jaxgpt evaluation data prepared')
+  if jax.process_index() != 0:
+    data = prepare()
   if data.tokenizer.fingerprint != tokenizer.fingerprint:
     raise JaxgptError('the data settings saved with this run now build another tokenizer (the data changed); '
                       'evaluate on a --text path instead.')
   return data
 
 
-def held_out_split(model, params, config, tokenizer, whole_split: bool) -> dict:
+def held_out_split(loaded: inference.Loaded, config, tokenizer, whole_split: bool) -> dict:
+  """The held-out figures in the run's batches, split over the mesh's batch axes as training split them."""
+  ways = sharding.data_parallel_size(loaded.mesh.shape)
+  if config.batch_size % ways:
+    raise JaxgptError(f"the run's batch_size={config.batch_size} does not split over the mesh's batch axes "
+                      f'(mesh.data x mesh.fsdp = {ways}, mesh {dict(loaded.mesh.shape)}). Choose --mesh.* sizes '
+                      f'whose data x fsdp divides {config.batch_size}, e.g. a larger --mesh.tensor.')
   data = run_data(config, tokenizer)
   token_bytes = tokenizer.token_bytes()
-  eval_step = jax.jit(lambda params, batch: eval_sums(model, params, batch, token_bytes))
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
-  return held_out_metrics(eval_step, params, data, config, mesh, whole_split)
+  param_shardings = jax.tree.map(lambda x: x.sharding, loaded.params)
+  eval_step = jax.jit(lambda params, batch: eval_sums(loaded.model, params, batch, token_bytes),
+                      in_shardings=(param_shardings, sharding.batch_sharding(loaded.mesh)),
+                      out_shardings=sharding.replicated(loaded.mesh))
+  return held_out_metrics(eval_step, loaded.params, data, config, loaded.mesh, whole_split)
 
 
 def text_documents(path: str, config, tokenizer, glob: str, text_field: str, max_docs: int) -> list[list[int]]:
   """Every usable document of a directory (files matching `glob`) or a JSONL file, tokenized."""
-  path = os.path.expanduser(path)
+  path = paths.expand(path)
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.source, data_cfg.path = ('jsonl', path) if path.endswith('.jsonl') else ('dir', path)
   data_cfg.glob, data_cfg.text_field = glob, text_field
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise JaxgptError(f'--text {path} does not exist. Give a directory of text files or a .jsonl file.')
   texts = []
   for record in sources.open_source(data_cfg).records():
@@ -73,11 +90,15 @@ def text_documents(path: str, config, tokenizer, glob: str, text_field: str, max
 def evaluate(workdir: str, *, step: int | None = None, text: str = '', glob: str = '**/*.txt',
              text_field: str = 'text', max_docs: int = 100, batch_size: int = 8, whole_split: bool = True,
              references: str = '', prompts: Sequence[str] = (), max_new_tokens: int | None = None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, mesh: dict | None = None,
+             dtype: str | None = None) -> dict:
   """Runs every evaluation asked for and writes results, samples and TensorBoard scalars.
 
   The continuations (of the references' prompts, else of `prompts` or the run's
   sample prompts) are `max_new_tokens` long, or as long as fits the run's context.
+  Everything runs on a mesh of every process's devices (`mesh` sizes, default
+  inference.DEFAULT_MESH) in `dtype` (default: the run's): under jax.distributed
+  every process runs this, and process 0 writes.
   """
   config, tokenizer = run_dir.load_run(workdir)
   examples = read_references(references) if references else []  # a bad file fails before loading the model
@@ -87,30 +108,33 @@ def evaluate(workdir: str, *, step: int | None = None, text: str = '', glob: str
   if note:
     print(note, file=sys.stderr)
   sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-  model, params, step = inference.load_params(config, tokenizer, workdir, step)
-  if text:
-    docs = text_documents(text, config, tokenizer, glob, text_field, max_docs)
-    results = {'text': text, 'loss_on': 'all tokens',
-               **language_model_metrics(model, params, docs, tokenizer.token_bytes(), config.seq_len, batch_size)}
-  else:
-    results = {'text': f'held-out split ({"whole" if whole_split else "a sample"})',
-               'loss_on': loss_scope(config.data), **held_out_split(model, params, config, tokenizer, whole_split)}
-  results = {'step': step, **results}
-  if examples:
-    metrics, samples = generation_metrics(model, params, tokenizer, examples, sampling)
-    results.update(metrics)
-  else:
-    samples = [{'prompt': p, 'output': c.text} for p, c in zip(prompts, complete(model, params, tokenizer, prompts,
-                                                                                   sampling))]
-  directory = os.path.join(workdir, 'eval', f'step_{step}')
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, RESULTS_FILE), 'w') as f:
-    json.dump(results, f, indent=2)
-  write_samples(directory, samples, f'Samples from {workdir} at step {step}')
-  writer = MetricWriter(workdir)
-  writer.scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
-  writer.close()
-  return {**results, 'directory': directory}
+  loaded = inference.load(config, tokenizer, workdir, step, mesh=inference.make_mesh(mesh, jax.devices()),
+                          dtype=dtype)
+  model, params, step = loaded.model, loaded.params, loaded.step
+  with loaded.activation_rules():
+    if text:
+      docs = text_documents(text, config, tokenizer, glob, text_field, max_docs)
+      results = {'text': text, 'loss_on': 'all tokens', **language_model_metrics(
+          model, params, docs, tokenizer.token_bytes(), config.seq_len, batch_size, loaded.mesh)}
+    else:
+      results = {'text': f'held-out split ({"whole" if whole_split else "a sample"})',
+                 'loss_on': loss_scope(config.data), **held_out_split(loaded, config, tokenizer, whole_split)}
+    results = {'step': step, **results}
+    if examples:
+      metrics, samples = generation_metrics(model, params, tokenizer, examples, sampling)
+      results.update(metrics)
+    else:  # a run trained with sample.prompts=() and given no --prompt has nothing to continue
+      samples = [{'prompt': p, 'output': c.text} for p, c in zip(prompts, complete(model, params, tokenizer, prompts,
+                                                                                     sampling))] if prompts else []
+  directory = paths.path(workdir) / 'eval' / f'step_{step}'
+  if jax.process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    write_samples(directory, samples, f'Samples from {workdir} at step {step}')
+    writer = MetricWriter(workdir)
+    writer.scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
+    writer.close()
+  return {**results, 'directory': str(directory)}
 
 
 # --- command line ---------------------------------------------------------
@@ -133,6 +157,12 @@ def _define_flags() -> None:
   flags.DEFINE_float('temperature', 0.0, 'Softmax temperature for the samples; 0 is greedy.')
   flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 for all tokens.')
   flags.DEFINE_integer('seed', 0, 'Random seed.')
+  inference.define_mesh_flags()
+  # Several processes (one per host) evaluate together as training trains: the same flags on every one.
+  flags.DEFINE_string('distributed.coordinator_address', '', 'host:port of process 0; empty: one process.')
+  flags.DEFINE_integer('distributed.num_processes', 0, 'Processes evaluating together.')
+  flags.DEFINE_integer('distributed.process_id', -1, "This process's index, from 0.")
+  flags.DEFINE_boolean('distributed.auto', False, 'Let jax.distributed find the coordinator (TPU VMs, SLURM).')
 
 
 def main(argv):
@@ -142,10 +172,16 @@ def main(argv):
     raise JaxgptError('--workdir is required: the run directory written by jaxgpt.train.')
   if FLAGS.max_docs < 1 or FLAGS.batch_size < 1:
     raise JaxgptError('--max_docs and --batch_size must be positive.')
+  sharding.initialize_distributed(ml_collections.ConfigDict(
+      {name: FLAGS[f'distributed.{name}'].value for name in ('coordinator_address', 'num_processes', 'process_id',
+                                                              'auto')}))
   results = evaluate(FLAGS.workdir, step=FLAGS.step, text=FLAGS.text, glob=FLAGS.glob, text_field=FLAGS.text_field,
                      max_docs=FLAGS.max_docs, batch_size=FLAGS.batch_size, whole_split=FLAGS.whole_split,
                      references=FLAGS.references, prompts=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
-                     temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed)
+                     temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed, mesh=inference.mesh_flags(),
+                     dtype=FLAGS.dtype)
+  if jax.process_index() != 0:
+    return
   print(f'# step {results["step"]} of {FLAGS.workdir}, on the {results["text"]}')
   print(f'loss {results["loss"]:.4f} | perplexity {results["perplexity"]:.2f} | '
         f'bits per byte {results["bits_per_byte"]:.4f} | {results["tokens"]:,} tokens, {results["bytes"]:,} bytes '

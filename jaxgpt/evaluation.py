@@ -17,14 +17,13 @@
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import sharding
+from jaxgpt import paths, sharding
 from jaxgpt.config import JaxgptError, require_extra
 from jaxgpt.data import pipeline
 from jaxgpt.model import GPT, loss_sums
@@ -61,26 +60,33 @@ def held_out_metrics(eval_step, params, data, config, mesh, whole_split: bool = 
   `eval_step(params, batch)` returns `eval_sums`. Periodic validations read
   `train.eval_batches` batches drawn at random from the whole split (the same
   ones every time, so they compare across steps); `whole_split` reads every
-  full batch of it once, for the figures a run reports.
+  full batch of it once, for the figures a run reports. Every process reads
+  the whole batches and keeps its own rows, so the figures are the same
+  whatever the number of processes.
   """
   split = data.report['validation']
   tokens_per_batch = config.batch_size * (config.seq_len + 1)
   num_batches = max(1, split['tokens'] // tokens_per_batch) if whole_split else config.train.eval_batches
   batches = pipeline.make_iterator(data.chunks('validation', config.seq_len + 1), seq_len=config.seq_len,
-                                   shuffle=not whole_split, seed=0,
-                                   local_batch_size=config.batch_size // jax.process_count())
+                                   shuffle=not whole_split, seed=0, local_batch_size=config.batch_size,
+                                   process_index=0, process_count=1)
+  rows = config.batch_size // jax.process_count()
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
   totals = np.zeros(3)
   for _ in range(num_batches):
-    totals += np.array(jax.device_get(eval_step(params, sharding.global_batch(next(batches), mesh))), np.float64)
+    local = {k: v[mine] for k, v in next(batches).items()}
+    totals += np.array(jax.device_get(eval_step(params, sharding.global_batch(local, mesh))), np.float64)
   return summarize(*totals)
 
 
 def language_model_metrics(model: GPT, params, documents: Iterable[Sequence[int]], token_bytes,
-                           seq_len: int, batch_size: int = 8) -> dict:
+                           seq_len: int, batch_size: int = 8, mesh=None) -> dict:
   """Loss, perplexity and bits per byte of documents given as token ids (framed BOS ... EOS).
 
   Each document is cut into windows of seq_len + 1 tokens overlapping by one,
-  so every token after the first is predicted exactly once.
+  so every token after the first is predicted exactly once. With a `mesh`,
+  every process gives the same documents and each batch is split over the
+  mesh's batch axes (rounded up to a multiple of them with masked rows).
   """
   windows = []
   for doc in documents:
@@ -89,6 +95,8 @@ def language_model_metrics(model: GPT, params, documents: Iterable[Sequence[int]
   if not windows:
     raise JaxgptError('no text to evaluate: every document is empty.')
   step = jax.jit(lambda params, batch: eval_sums(model, params, batch, token_bytes))
+  if mesh is not None:
+    batch_size = -(-batch_size // sharding.data_parallel_size(mesh.shape)) * sharding.data_parallel_size(mesh.shape)
   totals = np.zeros(3)
   for first in range(0, len(windows), batch_size):
     tokens_BxT = np.zeros((batch_size, seq_len + 1), np.int32)
@@ -98,7 +106,9 @@ def language_model_metrics(model: GPT, params, documents: Iterable[Sequence[int]
       mask_BxT[r, :len(window) - 1] = 1
     batch = {'inputs': tokens_BxT[:, :-1], 'targets': tokens_BxT[:, 1:], 'loss_mask': mask_BxT,
              'segment_ids': np.ones_like(mask_BxT), 'positions': np.tile(np.arange(seq_len), (batch_size, 1))}
-    totals += np.array(jax.device_get(step(params, batch)), np.float64)
+    if mesh is not None:
+      batch = sharding.put_global(batch, {k: sharding.batch_sharding(mesh) for k in batch})
+    totals += np.array(sharding.to_host(step(params, batch)), np.float64)
   return summarize(*totals)
 
 
@@ -107,10 +117,9 @@ def language_model_metrics(model: GPT, params, documents: Iterable[Sequence[int]
 def read_references(path: str) -> list[dict]:
   """[{'prompt', 'reference'}] from a JSONL file; each bad line is named."""
   try:
-    with open(os.path.expanduser(path), encoding='utf-8') as f:
-      lines = f.readlines()
+    lines = paths.path(path).read_text().split('\n')
   except OSError as e:
-    raise JaxgptError(f'cannot read the references file {path} ({e.strerror}).') from None
+    raise JaxgptError(f'cannot read the references file {path} ({e.strerror or e}).') from None
   examples = []
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -145,15 +154,14 @@ def generation_metrics(model: GPT, params, tokenizer, examples: list[dict], samp
   return metrics, samples
 
 
-def write_samples(directory: str, samples: list[dict], title: str) -> None:
+def write_samples(directory, samples: list[dict], title: str) -> None:
   """The samples as JSONL (for tools) and Markdown (for people)."""
-  with open(os.path.join(directory, SAMPLES_JSONL), 'w') as f:
-    for sample in samples:
-      f.write(json.dumps(sample) + '\n')
-  with open(os.path.join(directory, SAMPLES_MARKDOWN), 'w') as f:
-    f.write(f'# {title}\n')
-    for i, sample in enumerate(samples, 1):
-      f.write(f'\n## Sample {i}\n\n**Prompt**\n\n```\n{sample["prompt"]}\n```\n\n'
-              f'**Output**\n\n```\n{sample["output"]}\n```\n')
-      if 'reference' in sample:
-        f.write(f'\n**Reference**\n\n```\n{sample["reference"]}\n```\n')
+  directory = paths.path(directory)
+  (directory / SAMPLES_JSONL).write_text(''.join(json.dumps(sample) + '\n' for sample in samples))
+  markdown = [f'# {title}\n']
+  for i, sample in enumerate(samples, 1):
+    markdown.append(f'\n## Sample {i}\n\n**Prompt**\n\n```\n{sample["prompt"]}\n```\n\n'
+                    f'**Output**\n\n```\n{sample["output"]}\n```\n')
+    if 'reference' in sample:
+      markdown.append(f'\n**Reference**\n\n```\n{sample["reference"]}\n```\n')
+  (directory / SAMPLES_MARKDOWN).write_text(''.join(markdown))

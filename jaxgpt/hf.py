@@ -1,9 +1,9 @@
 """The Hugging Face formats of GPT-2 and Llama: configs, tensor names and layouts.
 
-A Hugging Face directory holds `config.json`, `model.safetensors` (or shards
-`model-00001-of-00002.safetensors`, ...) and the tokenizer (`tokenizer.json`,
-or `vocab.json` + `merges.txt`). Weights are read and written with safetensors'
-numpy API: torch is not needed. The commands that use this are in
+A Hugging Face directory (local or in a bucket) holds `config.json`,
+`model.safetensors` (or shards `model-00001-of-00002.safetensors`, ...) and the
+tokenizer (`tokenizer.json`, or `vocab.json` + `merges.txt`). Weights are read
+and written with safetensors' numpy API: torch is not needed. The commands that use this are in
 `jaxgpt.convert`; `--config.init_from` reads a HF directory through `load_hf`.
 
 jaxgpt's default architecture is GPT-2 exactly (tanh-approximate GELU, as HF's
@@ -12,15 +12,14 @@ is Llama: HF Llama rotates the two halves of each head (`rotate_half`), the same
 pairing as `jaxgpt.model.rotary`, so the weights map without permutation.
 """
 
-import glob
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import safe_open
+import safetensors.numpy
 
+from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 from jaxgpt.data.tokenizer import load_byte_level_bpe
 
@@ -31,7 +30,11 @@ _TANH_GELU = ('gelu_new', 'gelu_pytorch_tanh')
 
 
 def is_hf_directory(path: str) -> bool:
-  return bool(glob.glob(os.path.join(os.path.expanduser(path), 'model*.safetensors')))
+  return bool(_weight_files(paths.path(path)))
+
+
+def _weight_files(directory) -> list:
+  return sorted(directory.glob('model*.safetensors')) if directory.is_dir() else []
 
 
 # --- architecture: HF config <-> jaxgpt model fields ---------------------------------------------
@@ -168,8 +171,11 @@ _LAYOUT = {
 def read_safetensors(directory: str) -> dict[str, np.ndarray]:
   """Every tensor in the directory's safetensors files, as float32 numpy arrays."""
   tensors = {}
-  for path in sorted(glob.glob(os.path.join(directory, 'model*.safetensors'))):
-    with safe_open(path, framework='np') as f:
+  for path in _weight_files(paths.path(directory)):
+    if paths.is_remote(path):  # safe_open maps local files only: a bucket's file is read whole
+      tensors.update((name, t.astype(np.float32)) for name, t in safetensors.numpy.load(path.read_bytes()).items())
+      continue
+    with safetensors.numpy.safe_open(str(path), framework='np') as f:  # one tensor in memory at a time
       for name in f.keys():
         tensors[name] = f.get_tensor(name).astype(np.float32)
   return tensors
@@ -240,13 +246,12 @@ def params_in_layout(params: dict, scan_layers: bool) -> dict:
 
 def load_hf(directory: str):
   """(model fields, tokenizer, params) from a Hugging Face directory."""
-  directory = os.path.expanduser(directory)
-  config_path = os.path.join(directory, HF_CONFIG)
-  if not os.path.isfile(config_path) or not is_hf_directory(directory):
+  directory = paths.expand(directory)
+  config_path = paths.path(directory) / HF_CONFIG
+  if not config_path.exists() or not is_hf_directory(directory):
     raise JaxgptError(f'{directory} is not a Hugging Face model directory (it needs {HF_CONFIG} and '
                       f'{HF_WEIGHTS}). Download one with `huggingface-cli download gpt2 --local-dir DIR`.')
-  with open(config_path) as f:
-    hf = json.load(f)
+  hf = json.loads(config_path.read_text())
   fields = model_fields(hf)
   tokenizer = load_byte_level_bpe(tokenizer_path(directory), _eos_token(directory))
   if tokenizer.vocab_size != hf['vocab_size']:
@@ -258,16 +263,15 @@ def load_hf(directory: str):
 def tokenizer_path(directory: str) -> str:
   """tokenizer.json when the directory has one (it holds the exact pre-tokenizer), else the directory
   (vocab.json + merges.txt)."""
-  tokenizer_json = os.path.join(directory, 'tokenizer.json')
-  return tokenizer_json if os.path.isfile(tokenizer_json) else directory
+  tokenizer_json = paths.path(directory) / 'tokenizer.json'
+  return str(tokenizer_json) if tokenizer_json.exists() else directory
 
 
 def _eos_token(directory: str) -> str:
   """The end-of-text token: tokenizer_config.json's, else GPT-2's."""
-  path = os.path.join(directory, 'tokenizer_config.json')
-  if os.path.isfile(path):
-    with open(path) as f:
-      eos = json.load(f).get('eos_token')
+  path = paths.path(directory) / 'tokenizer_config.json'
+  if path.exists():
+    eos = json.loads(path.read_text()).get('eos_token')
     if eos:
       return eos['content'] if isinstance(eos, dict) else eos
   return '<|endoftext|>'

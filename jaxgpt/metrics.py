@@ -2,32 +2,44 @@
 
 import contextlib
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 
-# Dense bf16 peak FLOP/s per device (per chip; per GPU), from the vendors' data sheets.
+# Dense (not 2:4-sparse) bf16 peak FLOP/s per device (per chip; per GPU), from the vendors' data sheets.
+# Keys are prefixes of jax's device_kind; the longest that matches wins ('NVIDIA H100 PCIe' over 'NVIDIA H100').
 PEAK_FLOPS = {
     'TPU v4': 275e12,
     'TPU v5 lite': 197e12,  # v5e
     'TPU v5e': 197e12,
+    'TPU v5': 459e12,  # v5p
     'TPU v5p': 459e12,
-    'TPU v5': 459e12,
     'TPU v6 lite': 918e12,  # v6e (Trillium)
-    'TPU v6e': 918e12,
-    'NVIDIA A100': 312e12,
-    'NVIDIA H100': 989e12,
-    'NVIDIA H200': 989e12,
+    'TPU7x': 2307e12,  # Ironwood
+    'NVIDIA A100': 312e12,  # SXM and PCIe alike
+    'NVIDIA H100': 989e12,  # SXM ('NVIDIA H100 80GB HBM3')
+    'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA H100 NVL': 835e12,
+    'NVIDIA GH200': 989e12,
+    'NVIDIA H200': 989e12,  # SXM
+    'NVIDIA H200 NVL': 835e12,
+    'NVIDIA B200': 2250e12,  # HGX (1,000 W)
+    'NVIDIA GB200': 2500e12,
 }
 
 
-def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of an n^3 float32 matmul on the default device: the CPU's practical peak."""
-  a = jnp.ones((n, n), jnp.float32)
+def data_sheet_peak(device_kind: str) -> float | None:
+  names = [name for name in PEAK_FLOPS if device_kind.startswith(name)]
+  return PEAK_FLOPS[max(names, key=len)] if names else None
+
+
+def measure_matmul_flops(dtype, n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of an n^3 matmul in `dtype` on the default device."""
+  a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = float('inf')
@@ -38,16 +50,33 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n**3 / best
 
 
+def measured_peak_per_device(matmul_flops: float, platform: str, local_devices: int) -> float:
+  """One device's matmul rate as the peak of each device.
+
+  Fake CPU devices (--xla_force_host_platform_device_count) share the host's cores, so each gets
+  its share; an accelerator's matmul ran on that accelerator alone, so it is that device's peak.
+  """
+  return matmul_flops / local_devices if platform == 'cpu' else matmul_flops
+
+
 def peak_flops_per_device(configured: float) -> tuple[float, str]:
   """The peak used for MFU and where it came from."""
   if configured > 0:
     return configured, 'config'
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return flops, kind
-  # CPU (or an unknown device): measure. Fake CPU devices share the same cores.
-  return measure_matmul_flops() / jax.local_device_count(), f'measured {kind} matmul'
+  device = jax.devices()[0]
+  known = data_sheet_peak(device.device_kind)
+  if known:
+    return known, device.device_kind
+  # CPU (float32 matmuls are its fastest) or an accelerator missing from the table (bf16, as the model computes).
+  dtype = jnp.float32 if device.platform == 'cpu' else jnp.bfloat16
+  measured = measured_peak_per_device(measure_matmul_flops(dtype), device.platform, jax.local_device_count())
+  return measured, f'measured {device.device_kind} matmul'
+
+
+def model_flops_utilization(flops_per_token: float, tokens_per_sec: float, peak_per_device: float,
+                            num_devices: int) -> float:
+  """MFU: the model's FLOP/s over the peak of every device the step runs on."""
+  return flops_per_token * tokens_per_sec / (peak_per_device * num_devices)
 
 
 def format_duration(seconds: float) -> str:
@@ -88,15 +117,45 @@ class TrainingClock:
     return taken
 
 
+class _BucketEventsFile:
+  """An events file in a bucket, for tensorboardX: kept in memory and written whole, through epath, at each
+  flush, since a bucket's objects cannot be appended to. (tensorboardX's own gs:// writer uploads again when
+  garbage-collected, and so can stall a process's exit for minutes when the storage has gone.)"""
+
+  def __init__(self, url: str):
+    self._path, self._data = paths.path(url), bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    self._path.write_bytes(bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BucketEventsFiles:
+  """What tensorboardX asks for a URL's events file (record_writer.register_writer_factory)."""
+
+  def open(self, url: str) -> _BucketEventsFile:
+    return _BucketEventsFile(url)
+
+  def directory_check(self, url: str) -> None:
+    del url  # a bucket has no directories to create
+
+
 class MetricWriter:
-  """Console lines and TensorBoard scalars, written by process 0 only."""
+  """Console lines and TensorBoard scalars, written by process 0 only, to a local directory or a bucket."""
 
   def __init__(self, workdir: str | None):
     self._active = jax.process_index() == 0
     self._tb = None
     if self._active and workdir:
-      from tensorboardX import SummaryWriter  # imported here: only process 0 writes logs
-      self._tb = SummaryWriter(logdir=f'{workdir}/tensorboard')
+      from tensorboardX import SummaryWriter, record_writer  # imported here: only process 0 writes logs
+      for scheme in paths.REMOTE_SCHEMES:
+        record_writer.register_writer_factory(scheme.removesuffix('://'), _BucketEventsFiles())
+      self._tb = SummaryWriter(logdir=str(paths.path(workdir) / 'tensorboard'))
 
   def log(self, message: str) -> None:
     if self._active:
@@ -119,18 +178,21 @@ class StepMetrics:
   They stay on the device until `pull`, which the loop calls only where it waits for the device
   anyway (log steps, saves): pulling after every step would stall the dispatch of the next one.
   Each pulled step is appended to `metrics.jsonl` (one JSON object per step, process 0 only) and
-  checked for an update the train step skipped because something in it was not finite.
+  checked for an update the train step skipped because something in it was not finite. A bucket's
+  objects cannot be appended to: there the file is kept in memory and written whole at each pull.
   """
 
   def __init__(self, path: str, resumed_at: int, on_nonfinite: str, log):
-    self._path = path if jax.process_index() == 0 else None
+    self._path = paths.path(path) if jax.process_index() == 0 else None
     self._on_nonfinite = on_nonfinite
     self._log = log
     self._on_device = []  # (step, metrics) not yet pulled
     self._pulled = []  # records pulled since the last `take`
+    self._lines = []  # in a bucket: every line of the file, which each pull writes whole
     self.skipped = 0  # updates skipped by this process's run
-    if self._path and os.path.exists(self._path):
-      _keep_records_up_to(self._path, resumed_at)
+    if self._path and self._path.exists():
+      self._lines = _records_up_to(self._path, resumed_at)
+      self._path.write_text(''.join(self._lines))
 
   def add(self, step: int, metrics: dict) -> None:
     self._on_device.append((step, metrics))
@@ -142,9 +204,13 @@ class StepMetrics:
                for step, m in jax.device_get(self._on_device)]
     self._on_device = []
     self._pulled += records
-    if self._path:
-      with open(self._path, 'a') as f:
-        f.writelines(json.dumps(r) + '\n' for r in records)
+    lines = [json.dumps(r) + '\n' for r in records]
+    if self._path and paths.is_remote(self._path):
+      self._lines += lines
+      self._path.write_text(''.join(self._lines))
+    elif self._path:
+      with self._path.open('a') as f:
+        f.writelines(lines)
     skipped = [r for r in records if r.get('skipped')]
     if not skipped:
       return
@@ -166,16 +232,15 @@ class StepMetrics:
     return records
 
 
-def _keep_records_up_to(path: str, step: int) -> None:
-  """Drops the records a killed run wrote past its last checkpoint (and a line it left half-written)."""
+def _records_up_to(path, step: int) -> list[str]:
+  """The file's lines without the records a killed run wrote past its last checkpoint (nor a line it left
+  half-written)."""
   kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if record['step'] <= step:
-        kept.append(line)
-  with open(path, 'w') as f:
-    f.writelines(kept)
+  for line in path.read_text().splitlines(keepends=True):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if record['step'] <= step:
+      kept.append(line)
+  return kept

@@ -14,6 +14,7 @@ no training code.
 Decoding passes a key/value cache (`init_cache`) in and out: each block
 writes the new tokens' keys and values at their positions and attends over the
 whole cache. Training passes no cache and runs exactly the code it always ran.
+Which attention kernel runs where is decided in one place, `attention_plan`.
 
 Shape suffixes in names: B batch, T sequence, D embed, H query heads, G kv
 heads, K head dim, M mlp hidden, V vocab, N = B*T flattened tokens, L layers,
@@ -22,6 +23,7 @@ S cache slots.
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +49,8 @@ class ModelConfig:
   norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
   mlp: str = 'gelu'  # 'gelu' | 'swiglu'
   use_bias: bool = True
-  # 'auto' (cuDNN flash attention on GPU when it applies, else XLA) | 'xla' | 'cudnn' | 'splash' (Pallas, TPU)
+  # 'auto' (cuDNN's causal flash attention on GPU when it applies, else XLA) | 'xla' | 'cudnn' | 'splash'
+  # (Pallas, TPU); see `attention_plan`
   attention: str = 'auto'
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
@@ -111,19 +114,87 @@ def attention_mask(segment_ids_BxT):
   return (causal_TxT[None] & same_doc_BxTxT)[:, None]  # B x 1 x T x T
 
 
-def cache_mask(positions_BxT, cache_len: int):
-  """Causal mask over cache slots: a token at position p sees slots 0..p.
-
-  Slots past p may hold padding written during a batched prefill; they are
-  overwritten before any query can see them.
-  """
-  return (positions_BxT[:, :, None] >= jnp.arange(cache_len))[:, None]  # B x 1 x T x S
+# Each layer's cached keys (and values): B x G x S x K, kv heads before slots so that a head's
+# keys are contiguous for the attention matmuls (in B x S x G x K XLA:CPU transposes the whole
+# cache before each of them). The logical names say how a mesh splits it: rows as the batch,
+# kv heads as the heads.
+CACHE_AXES = ('act_batch', 'act_heads', 'act_length', 'act_kv')
 
 
 def init_cache(cfg: 'ModelConfig', batch: int, length: int) -> dict:
-  """Empty key/value cache of `length` slots, stacked over layers: {'key', 'value'}: L x B x S x G x K."""
-  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim)
-  return {'key': jnp.zeros(shape, cfg.dtype), 'value': jnp.zeros(shape, cfg.dtype)}
+  """Empty key/value cache of `length` slots: {'key', 'value'}, each a tuple of one B x G x S x K array per layer.
+
+  One array per layer, not one stacked array: a decode step then updates each layer's
+  buffer in place and reads it as it is, where slicing a stacked cache copies it.
+  """
+  shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+  return {name: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)) for name in ('key', 'value')}
+
+
+def cache_attention(query_BxTxHxK, key_BxGxSxK, value_BxGxSxK, positions_BxT):
+  """Attention of new tokens over the cache slots: a token at position p sees slots 0..p.
+
+  Slots past p may hold padding written during a batched prefill; they are
+  overwritten before any query can see them. Logits and softmax in float32, as
+  jax.nn.dot_product_attention computes them.
+  """
+  B, T, H, K = query_BxTxHxK.shape
+  G, S = key_BxGxSxK.shape[1], key_BxGxSxK.shape[2]
+  # Query head h uses kv head h // (H // G), as in jax.nn.dot_product_attention.
+  query_BxGxRxTxK = query_BxTxHxK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)
+  logits_BxGxRxTxS = jnp.einsum('bgrtk,bgsk->bgrts', query_BxGxRxTxK, key_BxGxSxK,
+                                preferred_element_type=jnp.float32) * K ** -0.5
+  visible_Bx1x1xTxS = (positions_BxT[:, :, None] >= jnp.arange(S))[:, None, None]
+  logits_BxGxRxTxS = jnp.where(visible_Bx1x1xTxS, logits_BxGxRxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxGxRxTxS = jax.nn.softmax(logits_BxGxRxTxS, axis=-1).astype(value_BxGxSxK.dtype)
+  attn_BxTxGxRxK = jnp.einsum('bgrts,bgsk->btgrk', probs_BxGxRxTxS, value_BxGxSxK)
+  return attn_BxTxGxRxK.reshape(B, T, H, K)
+
+
+class AttentionPlan(NamedTuple):
+  implementation: str  # 'xla' or 'cudnn' (jax.nn.dot_product_attention's), or 'splash'
+  mask: str  # 'causal' (the kernel's causal flag), 'segments' (a dense mask: packed rows) or 'cache' (slots)
+
+
+def _cudnn_applies(cfg: 'ModelConfig') -> bool:
+  """Whether cuDNN's flash attention takes this model on any GPU JAX supports: fp16/bf16, head dim <= 128, x8."""
+  return cfg.dtype in ('bfloat16', 'float16') and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+
+
+def attention_plan(cfg: 'ModelConfig', backend: str, packed: bool, cached: bool) -> AttentionPlan:
+  """Which kernel computes attention, and how it is masked, for `model.attention` on `backend`.
+
+  `packed`: rows may hold several documents (segment ids), so a token must not see the
+  documents before its own. `cached`: decoding over a key/value cache.
+
+  - Decoding always attends over the cache slots with XLA (`cache_attention`).
+  - Otherwise one document per row needs only the kernel's causal flag. cuDNN then runs
+    its causal flash kernel; given a dense mask instead, JAX hands cuDNN a B x 1 x T x T
+    bias, which it reads (and differentiates) in full: the slow path.
+  - Packed rows need a mask: JAX 0.10's `jax.nn.dot_product_attention` takes no segment
+    ids, so on GPU 'auto' uses XLA for them; 'cudnn' insists and takes the bias path.
+  - 'splash' (TPU's Pallas kernel) handles causality and segments itself.
+  - 'auto' is cuDNN on GPU where it applies (bf16/fp16, head dim <= 128, a multiple
+    of 8), else XLA; 'cudnn' elsewhere is refused here, not deep inside XLA.
+  """
+  if cached:
+    return AttentionPlan('xla', 'cache')
+  mask = 'segments' if packed else 'causal'
+  if cfg.attention == 'splash':
+    if backend == 'gpu':
+      raise JaxgptError("model.attention='splash' is a TPU kernel; on GPU use 'cudnn' (or 'auto').")
+    return AttentionPlan('splash', 'segments')
+  if cfg.attention == 'cudnn':
+    if backend != 'gpu':
+      raise JaxgptError(f"model.attention='cudnn' needs an NVIDIA GPU, and JAX runs on {backend} here: "
+                        "use 'auto' (or 'xla').")
+    if cfg.dtype not in ('bfloat16', 'float16'):
+      raise JaxgptError(f"model.attention='cudnn' computes in bfloat16 or float16, and model.dtype is "
+                        f"{cfg.dtype!r}: set model.dtype='auto' (bfloat16 on GPU), or use attention='auto'.")
+    return AttentionPlan('cudnn', mask)
+  if cfg.attention == 'auto' and backend == 'gpu' and not packed and _cudnn_applies(cfg):
+    return AttentionPlan('cudnn', 'causal')
+  return AttentionPlan('xla', mask)
 
 
 def rotary(x_BxTxHxK, positions_BxT, theta: float):
@@ -144,8 +215,6 @@ def splash_attention(query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT)
   partition a Pallas call, so under a mesh it runs per shard (shard_map):
   batch and heads split as the activation rules place them, the sequence whole.
   """
-  if jax.default_backend() == 'gpu':
-    raise JaxgptError("model.attention='splash' is a TPU kernel; on GPU use 'cudnn' (or 'auto').")
   T, K = query_BxTxHxK.shape[1], query_BxTxHxK.shape[3]
   block = next((b for b in (512, 256, 128) if T % b == 0), None)  # the largest tile that fits
   if block is None:
@@ -190,8 +259,9 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
     """Returns (x, cache): the (carry, output) pair that nn.scan expects.
 
-    Without a cache, attention is over the T tokens given (S = T). With one
-    ({'key', 'value'}: B x S x G x K), the new keys and values are written at
+    Without a cache, attention is over the T tokens given (S = T); segment ids
+    None means one document per row. With a cache (this layer's {'key',
+    'value'}: B x G x S x K), the new keys and values are written at
     `positions` and attention is over all S slots.
     """
     cfg = self.cfg
@@ -224,24 +294,24 @@ class Block(nn.Module):
       if cfg.position == 'rope' and name != 'value':
         y_BxTxHxK = rotary(y_BxTxHxK, positions_BxT, cfg.rope_theta)
       qkv.append(nn.with_logical_constraint(y_BxTxHxK, ('act_batch', 'act_length', 'act_heads', 'act_kv')))
-    query_BxTxHxK, key_BxSxGxK, value_BxSxGxK = qkv
-    if cache is not None:
+    query_BxTxHxK, key_BxTxGxK, value_BxTxGxK = qkv
+    # Grouped-query attention: every path shares each kv head across H // G query heads.
+    plan = attention_plan(cfg, jax.default_backend(), packed=segment_ids_BxT is not None, cached=cache is not None)
+    if plan.mask == 'cache':
       rows_Bx1 = jnp.arange(B)[:, None]
-      cache = {name: nn.with_logical_constraint(cache[name].at[rows_Bx1, positions_BxT].set(new),
-                                                ('act_batch', 'act_length', 'act_heads', 'act_kv'))
-               for name, new in (('key', key_BxSxGxK), ('value', value_BxSxGxK))}
-      key_BxSxGxK, value_BxSxGxK = cache['key'], cache['value']
-    # Grouped-query attention: both paths share each kv head across H // G query heads.
-    if cfg.attention == 'splash' and cache is None:
-      attn_BxTxHxK = splash_attention(query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, segment_ids_BxT)
+      # cache[rows, :, positions] is B x T x G x K: the new keys and values go in as computed.
+      cache = {name: nn.with_logical_constraint(cache[name].at[rows_Bx1, :, positions_BxT].set(new), CACHE_AXES)
+               for name, new in (('key', key_BxTxGxK), ('value', value_BxTxGxK))}
+      attn_BxTxHxK = cache_attention(query_BxTxHxK, cache['key'], cache['value'], positions_BxT)
+    elif plan.implementation == 'splash':
+      if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+      attn_BxTxHxK = splash_attention(query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT)
     else:
-      if cache is None:
-        mask_Bx1xTxS = attention_mask(segment_ids_BxT)
-      else:
-        mask_Bx1xTxS = cache_mask(positions_BxT, key_BxSxGxK.shape[1])
       attn_BxTxHxK = jax.nn.dot_product_attention(
-          query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask=mask_Bx1xTxS,
-          implementation=None if cfg.attention in ('auto', 'splash') else cfg.attention)
+          query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, is_causal=plan.mask == 'causal',
+          mask=attention_mask(segment_ids_BxT) if plan.mask == 'segments' else None,
+          implementation=plan.implementation)
     w_HxKxD = weight('out', (H, K, D), ('heads', 'kv', 'embed'), resid_std)
     attn_NxD = jnp.einsum('nhk,hkd->nd', attn_BxTxHxK.reshape(B * T, H, K), w_HxKxD)
     attn_NxD = dropout(attn_NxD + bias('out_bias', (D,), ('embed',)))
@@ -285,13 +355,14 @@ class GPT(nn.Module):
     segment_ids and positions come from packing several documents into one
     row: attention stays inside a document and positions restart at each one.
     Without them the row is one document starting at position 0. With a cache
-    (from `init_cache`, one document per row) positions say which slots the
-    tokens fill; segment ids are not used.
+    (from `init_cache`, one document per row; layers unrolled, see `unscanned`)
+    positions say which slots the tokens fill; segment ids are not used.
     """
     cfg = self.cfg
     B, T = tokens_BxT.shape
-    if segment_ids_BxT is None:
-      segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    if cache is not None and cfg.scan_layers:
+      raise ValueError('a model with scanned layers decodes through `unscanned(model, params)`: scanned, every '
+                       'step would copy each layer out of the stacked cache and weights.')
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
 
@@ -309,18 +380,18 @@ class GPT(nn.Module):
     if cfg.scan_layers:
       # One compiled block, applied num_layers times: compile time does not grow with depth.
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, cache = stack(cfg, deterministic, name='blocks')(x_BxTxD, segment_ids_BxT, positions_BxT, cache)
+      x_BxTxD, _ = stack(cfg, deterministic, name='blocks')(x_BxTxD, segment_ids_BxT, positions_BxT)
     else:
       layer_caches = []
       for i in range(cfg.num_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        layer_cache = None if cache is None else {name: layers[i] for name, layers in cache.items()}
         x_BxTxD, layer_cache = block(cfg, deterministic, name=f'block_{i}')(
             x_BxTxD, segment_ids_BxT, positions_BxT, layer_cache)
         layer_caches.append(layer_cache)
       if cache is not None:
-        cache = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
+        cache = {name: tuple(layer[name] for layer in layer_caches) for name in cache}
 
     x_NxD = Norm(cfg.norm, name='ln_final')(x_BxTxD).reshape(B * T, -1).astype(jnp.float32)
     if cfg.tie_embeddings:  # GPT-2 reuses the input embedding as the output projection
@@ -333,6 +404,21 @@ class GPT(nn.Module):
     logits_BxTxV = (x_NxD @ head_DxV).reshape(B, T, cfg.vocab_size)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ('act_batch', 'act_length', 'act_vocab'))
     return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+
+def unscanned(model: GPT, params) -> tuple[GPT, dict]:
+  """The same model with its layers unrolled (scan_layers=False), and `params` laid out for it.
+
+  Decoding runs this: each layer then reads its own weights and cache buffers where
+  they are, while a scanned decode step would copy every layer's slice of the stacked
+  weights and cache (XLA does not hoist the weights' slices out of the decode loop).
+  The layout change is one copy of the block weights, made where this is called.
+  """
+  if not model.cfg.scan_layers:
+    return model, params
+  layers = {f'block_{i}': jax.tree.map(lambda x: x[i], params['blocks']) for i in range(model.cfg.num_layers)}
+  return GPT(dataclasses.replace(model.cfg, scan_layers=False)), {
+      **{k: v for k, v in params.items() if k != 'blocks'}, **layers}
 
 
 def build_model(config, vocab_size: int) -> GPT:

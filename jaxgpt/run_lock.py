@@ -9,7 +9,8 @@ says who holds it (host, process id, start time), for the refusal's message.
 
 In a multi-process job, process 0 takes the lock for the whole job: the other
 processes are its own, coordinated by jax.distributed. Sampling, evaluation and
-serving only read a workdir, and take no lock.
+serving only read a workdir, and take no lock. A workdir in a bucket (gs://) has
+no flock: there nothing stops a second run, and the run says so as it starts.
 """
 
 import errno
@@ -24,6 +25,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 
 LOCK_FILE = '.train.lock'
@@ -61,6 +63,10 @@ def acquire(workdir: str) -> RunLock:
 
 def _try_lock(workdir: str) -> tuple[RunLock, str | None]:
   """(the lock, None) when it is taken; (None, who holds it) when another process does."""
+  if paths.is_remote(workdir):
+    logging.warning('--workdir %s is in a bucket, where files cannot be locked: nothing stops a second training '
+                    'run from using it at the same time. Start one run per workdir.', workdir)
+    return RunLock(), None
   file = open(os.path.join(workdir, LOCK_FILE), 'a+')
   try:
     fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)

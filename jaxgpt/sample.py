@@ -10,7 +10,9 @@ is derived from its own seed and position only.
 
 Shapes are rounded up to powers of two (prompt buffer, cache, stop table), so
 a few compilations serve any mix of prompts. `stream` runs the loop in chunks
-and yields the new tokens after each; `generate` runs it to the end.
+and yields the new tokens after each; `generate` runs it to the end. On the
+mesh in use (`sharding.activation_rules`) the batch, padded to the mesh's batch
+ways, and the cache are split over it (docs/sharding.md).
 """
 
 import dataclasses
@@ -18,14 +20,16 @@ import functools
 import sys
 from collections.abc import Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxgpt import inference, run_dir
+from jaxgpt import inference, run_dir, sharding
 from jaxgpt.config import JaxgptError, run_cli
-from jaxgpt.model import GPT, init_cache
+from jaxgpt.model import CACHE_AXES, GPT, init_cache, unscanned
 
 SEED_LIMIT = 2**32  # seeds are uint32 on the device
 DEFAULT_MAX_NEW_TOKENS = 128  # the commands' length when the user sets none and the context has room
@@ -98,7 +102,7 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
   return [tokenizer.bos_id, *tokenizer.encode(text)]
 
 
-def _start(model: GPT, prompts, samplings, stop_tokens, use_cache: bool):
+def _start(model: GPT, prompts, samplings, stop_tokens):
   """The decode state before prefill: buffers on the host, shapes rounded up."""
   max_len = model.cfg.max_len
   for s in samplings:
@@ -132,27 +136,81 @@ def _start(model: GPT, prompts, samplings, stop_tokens, use_cache: bool):
       'step': np.zeros((), np.int32),
   }
   prefill_len = min(S, _pow2_at_least(int(lengths_B.max()), 16))
-  if use_cache:
-    decode_state['cache'] = init_cache(model.cfg, B, S)
   return decode_state, prefill_len
 
 
+def _batch_ways() -> int:
+  """How many ways the mesh in use (`sharding.activation_rules`) splits a batch; 1 outside a mesh."""
+  mesh = jax.sharding.get_mesh()
+  axes = () if mesh.empty else nn.logical_to_mesh_axes(('act_batch',))[0] or ()
+  return int(np.prod([mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def _on_devices(model: GPT, host_state: dict, use_cache: bool) -> dict:
+  """The decode state, with an empty KV cache if asked, on the devices.
+
+  On the mesh in use, rows (and the cache's) are split as the batch is, and the cache's kv heads
+  as the heads are, so the cache is never whole on one device.
+  """
+  B, S = host_state['tokens'].shape
+  make_cache = lambda: init_cache(model.cfg, B, S)
+  mesh = jax.sharding.get_mesh()
+  if mesh.empty:
+    return {**host_state, 'cache': make_cache()} if use_cache else host_state
+  rows = NamedSharding(mesh, nn.logical_to_mesh_axes(('act_batch',)))
+  decode_state = sharding.put_global(host_state, {k: NamedSharding(mesh, P()) if v.ndim == 0 else rows
+                                                  for k, v in host_state.items()})
+  if use_cache:  # one B x G x S x K array per layer, made in place
+    cache_axes = NamedSharding(mesh, nn.logical_to_mesh_axes(CACHE_AXES))
+    decode_state['cache'] = jax.jit(make_cache, out_shardings={'key': cache_axes, 'value': cache_axes})()
+  return decode_state
+
+
 def sample_tokens(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B):
-  """One token per row with that row's settings; temperature 0 rows are greedy."""
-  V = logits_BxV.shape[-1]
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
-  scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
-  sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
-  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
-  kth_Bx1 = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)
-  # The nucleus ends at the first sorted token whose cumulative probability reaches top_p.
-  cumulative_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
-  last_B = jnp.minimum(jnp.sum(cumulative_BxV < top_p_B[:, None], axis=-1), V - 1)
-  nucleus_Bx1 = jnp.take_along_axis(sorted_BxV, last_B[:, None], axis=-1)
-  threshold_Bx1 = jnp.maximum(kth_Bx1, nucleus_Bx1)
-  masked_BxV = jnp.where(scaled_BxV < threshold_Bx1, -jnp.inf, scaled_BxV)
-  sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
-  return jnp.where(temperature_B > 0, sampled_B, greedy_B).astype(jnp.int32)
+  """One token per row with that row's settings; temperature 0 rows are greedy.
+
+  Work that no row needs is skipped (lax.cond): a batch of greedy rows takes only
+  the argmax, and rows without top-k or top-p draw from all the logits.
+  """
+  greedy_B = jax.lax.top_k(logits_BxV, 1)[1][:, 0]  # argmax's first index too; XLA:CPU's argmax is 2x slower
+  sampling_B = temperature_B > 0
+  top_k_B, top_p_B = jnp.where(sampling_B, top_k_B, 0), jnp.where(sampling_B, top_p_B, 1.0)  # greedy rows: unused
+
+  def sample():
+    scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    filtering = ((top_k_B > 0) | (top_p_B < 1)).any()
+    cutoff_Bx1 = jax.lax.cond(filtering, lambda: _cutoffs(scaled_BxV, top_k_B, top_p_B),
+                              lambda: jnp.full((len(scaled_BxV), 1), -jnp.inf, scaled_BxV.dtype))
+    masked_BxV = jnp.where(scaled_BxV < cutoff_Bx1, -jnp.inf, scaled_BxV)
+    return jax.vmap(jax.random.categorical)(keys_B, masked_BxV).astype(jnp.int32)
+
+  return jnp.where(sampling_B, jax.lax.cond(sampling_B.any(), sample, lambda: greedy_B), greedy_B)
+
+
+def _cutoffs(scaled_BxV, top_k_B, top_p_B, candidates: int = 64):
+  """Per row, the smallest logit that top-k and top-p keep (-inf where they keep every token).
+
+  Both are read off the logits in descending order: the k-th, and the first whose
+  cumulative probability reaches top_p. Sorting the whole vocabulary costs XLA:CPU
+  more than the rest of a decode step, so only the `candidates` largest are found
+  (lax.top_k) unless some row's cut-off lies beyond them.
+  """
+  V = scaled_BxV.shape[-1]
+  log_total_Bx1 = jax.nn.logsumexp(scaled_BxV, axis=-1, keepdims=True)
+
+  def cutoff(descending_BxN):
+    N = descending_BxN.shape[-1]
+    kth_Bx1 = jnp.take_along_axis(descending_BxN, jnp.clip(top_k_B - 1, 0, N - 1)[:, None], axis=-1)
+    cumulative_BxN = jnp.cumsum(jnp.exp(descending_BxN - log_total_Bx1), axis=-1)
+    last_B = jnp.minimum(jnp.sum(cumulative_BxN < top_p_B[:, None], axis=-1), N - 1)
+    nucleus_Bx1 = jnp.take_along_axis(descending_BxN, last_B[:, None], axis=-1)
+    return jnp.maximum(jnp.where(top_k_B[:, None] > 0, kth_Bx1, -jnp.inf),
+                       jnp.where(top_p_B[:, None] < 1, nucleus_Bx1, -jnp.inf)), cumulative_BxN[:, -1]
+
+  top_BxC = jax.lax.top_k(scaled_BxV, min(candidates, V))[0]
+  cutoff_Bx1, mass_B = cutoff(top_BxC)
+  within = ((top_k_B <= top_BxC.shape[-1]) & ((top_p_B >= 1) | (mass_B >= top_p_B))).all()
+  return jax.lax.cond(within, lambda: cutoff_Bx1, lambda: cutoff(-jnp.sort(-scaled_BxV, axis=-1))[0])
 
 
 def _ends_with_stop(tokens_BxS, lengths_B, prompt_lengths_B, stop_BxNxL):
@@ -185,6 +243,7 @@ def _next_logits(model, params, decode_state, new_tokens_BxT, positions_BxT):
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _prefill(model, params, decode_state, prefill_len):
+  model, params = unscanned(model, params)
   B = decode_state['tokens'].shape[0]
   positions_BxT = jnp.broadcast_to(jnp.arange(prefill_len), (B, prefill_len))
   logits_BxV, decode_state = _next_logits(model, params, decode_state,
@@ -195,6 +254,7 @@ def _prefill(model, params, decode_state, prefill_len):
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _decode(model, params, decode_state, until_step):
   """Samples and feeds one token per unfinished row until all are done or `until_step`."""
+  model, params = unscanned(model, params)  # outside the loop: its copy of the weights is made once per call
   rows_B = jnp.arange(decode_state['tokens'].shape[0])
 
   def step(s):
@@ -225,16 +285,20 @@ def stream(model: GPT, params, prompts: Sequence[Sequence[int]], sampling: Sampl
   """
   samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
   stops = [[*map(list, rows), [eos_id]] for rows in (stop_tokens or [[]] * len(prompts))]
-  decode_state, prefill_len = _start(model, prompts, samplings, stops, use_cache)
-  decode_state = _prefill(model, params, decode_state, prefill_len)
+  # A mesh splits the batch N ways: padding rows (one token, done after one step) make it a multiple of N.
+  num_rows, padding = len(prompts), -len(prompts) % _batch_ways()
+  prompts = [*prompts, *[[eos_id]] * padding]
+  samplings, stops = samplings + [Sampling(max_new_tokens=1)] * padding, stops + [[[eos_id]]] * padding
+  host_state, prefill_len = _start(model, prompts, samplings, stops)
+  decode_state = _prefill(model, params, _on_devices(model, host_state, use_cache), prefill_len)
   # Tokens that may be the start of a stop sequence are held back until it is clear they are not.
   held_back = max(len(seq) for rows in stops for seq in rows) - 1
-  emitted_B = np.array(decode_state['prompt_lengths'])
+  emitted_B = host_state['prompt_lengths'].copy()
   finished_B = np.zeros(len(prompts), bool)
   chunk = chunk or max(s.max_new_tokens for s in samplings)
   while not finished_B.all():
     decode_state = _decode(model, params, decode_state, decode_state['step'] + chunk)
-    host = jax.device_get({k: decode_state[k] for k in ('tokens', 'lengths', 'stopped', 'done')})
+    host = sharding.to_host({k: decode_state[k] for k in ('tokens', 'lengths', 'stopped', 'done')})
     deltas = []
     for row, (tokens_S, length, stopped, done) in enumerate(
         zip(host['tokens'], host['lengths'], host['stopped'], host['done'])):
@@ -249,7 +313,7 @@ def stream(model: GPT, params, prompts: Sequence[Sequence[int]], sampling: Sampl
       deltas.append(Continuation(tokens_S[emitted_B[row]:end].tolist(),
                                  None if not done else 'stop' if stopped else 'length'))
       emitted_B[row], finished_B[row] = end, done
-    yield deltas
+    yield deltas[:num_rows]
 
 
 def _without_stop(row_tokens, stop_sequences) -> int:
@@ -348,6 +412,7 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string('stop', [], 'Text that ends a continuation; repeat for several.')
   flags.DEFINE_integer('seed', 0, 'Random seed.')
   flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
+  inference.define_mesh_flags()
 
 
 def main(argv):
@@ -362,9 +427,11 @@ def main(argv):
                       top_p=FLAGS.top_p, seed=FLAGS.seed, stop=tuple(FLAGS.stop))
   if note:
     print(note, file=sys.stderr)
-  model, params, step = inference.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
-  outputs = complete(model, params, tokenizer, FLAGS.prompt, sampling)
-  print(f'# step {step} of {FLAGS.workdir}')
+  mesh = inference.make_mesh(inference.mesh_flags())
+  loaded = inference.load(config, tokenizer, FLAGS.workdir, FLAGS.step, mesh=mesh, dtype=FLAGS.dtype)
+  with loaded.activation_rules():
+    outputs = complete(loaded.model, loaded.params, tokenizer, FLAGS.prompt, sampling)
+  print(f'# step {loaded.step} of {FLAGS.workdir}')
   for prompt, continuation in zip(FLAGS.prompt, outputs):
     print(f'--- prompt: {prompt!r}')
     print(prompt + continuation.text)

@@ -9,10 +9,12 @@ Every field of a request is checked before it is queued (the pydantic model in
 `jaxgpt.serve_api`, then the context length here): a bad request gets its own
 400 in OpenAI's error shape and never reaches a batch of other requests.
 
-One worker thread owns the model. Requests wait in a bounded queue (full: 503)
-and are decoded together in batches of up to `max_batch` rows, each row with
-its own settings; the batch is always padded to `max_batch` rows so shapes, and
-so compilations, do not depend on how many requests arrived together.
+One worker thread owns the model, its weights and KV cache sharded over a
+mesh of this machine's devices (`--mesh.*`, docs/sharding.md). Requests wait in
+a bounded queue (full: 503) and are decoded together in batches of up to
+`max_batch` rows, each row with its own settings; the batch is always padded to
+`max_batch` rows so shapes, and so compilations, do not depend on how many
+requests arrived together.
 
 Prompts and outputs go through the same `jaxgpt.safety.SafetyChecker` as the
 data pipeline. Every response carries its flags; with `--safety=block` a
@@ -34,7 +36,7 @@ import uuid
 import ml_collections
 from absl import flags
 
-from jaxgpt import inference, run_dir
+from jaxgpt import inference, paths, run_dir
 from jaxgpt.config import JaxgptError, require_extra, run_cli
 from jaxgpt.model import num_params
 from jaxgpt.safety import SafetyChecker
@@ -57,10 +59,10 @@ class Job:
 
 
 class Engine:
-  """The model behind a bounded queue, decoded in batches by one worker thread."""
+  """The model behind a bounded queue, decoded on its mesh in batches by one worker thread."""
 
-  def __init__(self, model, params, tokenizer, *, max_batch: int, queue_size: int, chunk_tokens: int):
-    self.model, self.params, self.tokenizer = model, params, tokenizer
+  def __init__(self, loaded: inference.Loaded, tokenizer, *, max_batch: int, queue_size: int, chunk_tokens: int):
+    self.loaded, self.model, self.params, self.tokenizer = loaded, loaded.model, loaded.params, tokenizer
     self.max_batch, self.chunk_tokens = max_batch, chunk_tokens
     self._jobs = queue.Queue(maxsize=queue_size)
     threading.Thread(target=self._work, daemon=True, name='jaxgpt-decode').start()
@@ -72,16 +74,17 @@ class Engine:
       raise RequestError(503, 'the server is busy: too many requests are waiting. Retry shortly.') from None
 
   def _work(self) -> None:
-    while True:
-      batch = [self._jobs.get()]
-      while len(batch) < self.max_batch and not self._jobs.empty():
-        batch.append(self._jobs.get_nowait())
-      try:
-        self._decode(batch)
-      except Exception as e:  # a failure answers this batch's requests and keeps the server up
-        log.exception('decoding failed')
-        for job in batch:
-          job.send(e)
+    with self.loaded.activation_rules():  # the mesh in use is set per thread
+      while True:
+        batch = [self._jobs.get()]
+        while len(batch) < self.max_batch and not self._jobs.empty():
+          batch.append(self._jobs.get_nowait())
+        try:
+          self._decode(batch)
+        except Exception as e:  # a failure answers this batch's requests and keeps the server up
+          log.exception('decoding failed')
+          for job in batch:
+            job.send(e)
 
   def _decode(self, batch: list[Job]) -> None:
     # Padding rows (one BOS, one token) keep the batch shape fixed; they finish at once.
@@ -264,6 +267,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('max_batch', 8, 'Requests decoded together.')
   flags.DEFINE_integer('queue_size', 64, 'Requests that may wait; more are answered 503.')
   flags.DEFINE_integer('chunk_tokens', 8, 'Decode steps between streamed pieces.')
+  inference.define_mesh_flags()
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -288,16 +292,18 @@ def main(argv):
 
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
   config, tokenizer = run_dir.load_run(FLAGS.workdir)
-  model, params, step = inference.load_params(config, tokenizer, FLAGS.workdir, FLAGS.step)
+  mesh = inference.make_mesh(inference.mesh_flags())
+  loaded = inference.load(config, tokenizer, FLAGS.workdir, FLAGS.step, mesh=mesh, dtype=FLAGS.dtype)
   checker = SafetyChecker(ml_collections.ConfigDict({
       'classifier_threshold': FLAGS.classifier_threshold, 'blocked_words': FLAGS.blocked_words,
       'blocked_words_file': FLAGS.blocked_words_file}))
-  engine = Engine(model, params, tokenizer, max_batch=FLAGS.max_batch, queue_size=FLAGS.queue_size,
+  engine = Engine(loaded, tokenizer, max_batch=FLAGS.max_batch, queue_size=FLAGS.queue_size,
                   chunk_tokens=FLAGS.chunk_tokens)
-  service = Service(engine, checker, safety_mode=FLAGS.safety, step=step,
-                    model_name=os.path.basename(os.path.abspath(FLAGS.workdir)),
+  service = Service(engine, checker, safety_mode=FLAGS.safety, step=loaded.step,
+                    model_name=paths.path(FLAGS.workdir).name,
                     api_key=os.environ.get(FLAGS.api_key_env, ''))
-  log.info('serving %s (step %d) on http://%s:%d', FLAGS.workdir, step, FLAGS.host, FLAGS.port)
+  log.info('serving %s (step %d) on a mesh of %s on http://%s:%d', FLAGS.workdir, loaded.step, dict(mesh.shape),
+           FLAGS.host, FLAGS.port)
   uvicorn.run(create_app(service), host=FLAGS.host, port=FLAGS.port, log_level='warning')
 
 

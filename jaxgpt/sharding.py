@@ -13,11 +13,14 @@ import math
 import jax
 import numpy as np
 import flax.linen as nn
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgpt.config import JaxgptError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+DCN_AXES = ('data', 'fsdp')  # the axes that may also span slices (mesh.dcn_data, mesh.dcn_fsdp)
+DCN_DEFAULTS = {'data': -1, 'fsdp': 1}  # base_config's: data parallel across every slice
 
 # Logical name -> mesh axes. Parameters are sharded over 'fsdp' along their
 # embed dimension (ZeRO-3 style) and over 'tensor' along heads / mlp / vocab;
@@ -45,25 +48,46 @@ LOGICAL_RULES = (
 BATCH_AXES = ('data', 'fsdp')
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Resolves the configured (data, fsdp, tensor) sizes, one of which may be -1."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
-  described = ', '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes))
+def _fill(sizes: list[int], total: int, names: tuple[str, ...], unit: str, where: str = '') -> tuple[int, ...]:
+  """`sizes` with its -1 (at most one) taking what the others leave of `total`; their product must be `total`."""
+  described = ', '.join(f'{n}={s}' for n, s in zip(names, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise JaxgptError(f'mesh ({described}) is invalid: sizes must be positive, with at most one -1.')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if num_devices % known:
-      raise JaxgptError(
-          f'mesh ({described}) does not divide the {num_devices} devices: the fixed axes '
-          f'multiply to {known}. Choose sizes whose product divides {num_devices}.')
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise JaxgptError(
-        f'mesh ({described}) needs {math.prod(sizes)} devices but {num_devices} are available. '
-        f'Make the product of mesh.data, mesh.fsdp and mesh.tensor equal {num_devices}, '
-        'or set one of them to -1.')
+    if total % known:
+      raise JaxgptError(f'mesh ({described}) does not divide the {total} {unit}{where}: the fixed axes multiply '
+                        f'to {known}. Choose sizes whose product divides {total}.')
+    sizes = [total // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != total:
+    raise JaxgptError(f'mesh ({described}) needs {math.prod(sizes)} {unit} but {total} are available{where}. '
+                      f'Make the product of {", ".join(f"mesh.{n}" for n in names)} equal {total}, '
+                      'or set one of them to -1.')
   return tuple(sizes)
+
+
+def slice_shapes(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(sizes within a slice, sizes across slices) of the (data, fsdp, tensor) axes.
+
+  A slice is a set of devices on fast links (ICI on a TPU slice, NVLink in a GPU host);
+  slices talk over the data-centre network (DCN). mesh.data, mesh.fsdp and mesh.tensor shape
+  one slice; mesh.dcn_data and mesh.dcn_fsdp (MaxText's dcn_*_parallelism) repeat that shape
+  across slices, so the mesh's data axis has mesh.data x mesh.dcn_data devices. The default
+  dcn_data=-1 makes the batch data parallel across however many slices there are.
+  """
+  if num_devices % num_slices:
+    raise JaxgptError(f'{num_devices} devices cannot form {num_slices} equal slices.')
+  across = _fill([int(mesh_cfg.get(f'dcn_{a}', DCN_DEFAULTS[a])) for a in DCN_AXES], num_slices,
+                 tuple(f'dcn_{a}' for a in DCN_AXES), 'slices', ' (TPU slices, or GPU hosts)')
+  within = _fill([int(mesh_cfg[a]) for a in MESH_AXES], num_devices // num_slices,
+                 MESH_AXES, 'devices', ' in each slice' if num_slices > 1 else '')
+  return within, across + (1,)
+
+
+def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
+  """The (data, fsdp, tensor) sizes of the whole mesh: within a slice times across slices."""
+  within, across = slice_shapes(mesh_cfg, num_devices, num_slices)
+  return tuple(w * a for w, a in zip(within, across))
 
 
 def logical_rules(mesh_cfg) -> tuple:
@@ -78,11 +102,23 @@ def logical_rules(mesh_cfg) -> tuple:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_cfg, len(devices))
-  # Auto axes: the logical-rule constraints in the model need them (Explicit is jax.make_mesh's default).
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  """The (data, fsdp, tensor) mesh over `devices` (default: all), laid out along the network's topology."""
+  devices = jax.devices() if devices is None else list(devices)
+  slices = {getattr(d, 'slice_index', 0) for d in devices}  # CPU devices have none: one slice
+  within, across = slice_shapes(mesh_cfg, len(devices), len(slices))
+  auto = (AxisType.Auto,) * len(MESH_AXES)  # the model's logical-rule constraints need Auto axes
+  if len(slices) == 1:
+    return jax.make_mesh(within, MESH_AXES, axis_types=auto, devices=devices)
+  # jax.make_mesh refuses devices on several slices: each slice gets the `within` mesh on its
+  # fast links, and the slices are tiled `across` along the slow network.
+  try:
+    # Splitting a physical torus axis between two mesh axes (jax.make_mesh does on v5e) beats
+    # failing on a slice shape that does not map whole axes.
+    grid = mesh_utils.create_hybrid_device_mesh(within, across, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError) as e:
+    raise JaxgptError(f'no mesh with {within} within each slice and {across} across the {len(slices)} slices: '
+                      f'{str(e).splitlines()[0]}. Check mesh.* against the slices.') from None
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
@@ -128,6 +164,36 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Assembles this process's rows into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def put_global(tree, shardings):
+  """Host values that every process holds alike, as global arrays placed by `shardings` (a matching tree)."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def to_host(tree):
+  """NumPy copies of arrays, gathered from the other processes where this one holds only a part."""
+  return jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable
+                      else multihost_utils.process_allgather(x, tiled=True), tree)
+
+
+def check_shardable(abstract, fix: str) -> None:
+  """Refuses arrays (ShapeDtypeStructs with NamedShardings) whose dimensions their mesh axes do not divide:
+  XLA would fail deep inside. `fix` says what to change."""
+  problems = []
+  for path, leaf in jax.tree.flatten_with_path(abstract)[0]:
+    for size, axes in zip(leaf.shape, leaf.sharding.spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(leaf.sharding.mesh.shape[name] for name in names)
+      if size % ways:
+        name = '/'.join(str(getattr(key, 'key', key)) for key in path)
+        problems.append(f'{name} has a dimension of {size}, split {ways} ways over {" x ".join(names)}')
+  if problems:
+    raise JaxgptError(f'the mesh does not divide the model: {"; ".join(problems[:4])}'
+                      f'{f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""}. {fix}')
 
 
 @contextlib.contextmanager

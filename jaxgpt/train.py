@@ -8,8 +8,6 @@ workdir resumes from the latest checkpoint, data position included.
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -18,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
+from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from jaxgpt import hf, inference, lora, run_dir, run_lock, sharding, state as state_lib
+from jaxgpt import hf, inference, lora, paths, run_dir, run_lock, sharding, state as state_lib
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
 from jaxgpt.data import builder, pipeline
@@ -98,16 +96,17 @@ def _log_validation(writer, step: int, results: dict, whole_split: bool, scope: 
   writer.scalars(step, {f'val/{k}': v for k, v in results.items() if k not in ('tokens', 'bytes')})
 
 
-def _check_writable(workdir: str) -> None:
-  """Creates the workdir and writes a file in it, before anything else would fail to."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write-probe-{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise JaxgptError(f'cannot write to --workdir {workdir} ({e.strerror}). Choose a writable directory.') from None
+def _use_compilation_cache(directory: str) -> None:
+  """XLA's persistent compilation cache in `directory`, local or in a bucket (JAX reads and writes both).
+
+  JAX writes it from process 0 alone, so on a pod a host-local directory helps only process 0's host: a
+  shared one (gs://...) lets every host load what process 0 compiled.
+  """
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  if jax.process_count() > 1 and not paths.is_remote(directory):
+    logging.warning('train.compilation_cache_dir=%s is local to each host, and JAX writes it from process 0 only: '
+                    'the other hosts compile every time. Put it in the bucket (gs://...) to share it.', directory)
 
 
 def _check_tokenizer(workdir: str, tokenizer) -> None:
@@ -125,10 +124,11 @@ def _num_bytes(tree) -> int:
 
 
 def _check_free_space(workdir: str, abstract_state) -> None:
-  """Refuses to start when the next checkpoint would not fit, rather than failing at the first save."""
+  """Refuses to start when the next checkpoint would not fit, rather than failing at the first save. Local disks
+  only: a bucket has no free space to read."""
   needed = _num_bytes(abstract_state)
-  free = shutil.disk_usage(workdir).free
-  if free < needed:
+  free = paths.free_bytes(workdir)
+  if free is not None and free < needed:
     raise JaxgptError(
         f'--workdir {workdir} has {free / 1e9:.2f} GB free, but one checkpoint of this model (parameters and '
         f'optimizer state) takes {needed / 1e9:.2f} GB. Free some space or choose another --workdir.')
@@ -172,12 +172,11 @@ def set_up(config, workdir: str):
   lora_cfg = lora.settings(config)
   sharding.initialize_distributed(config.distributed)
   if config.train.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.train.compilation_cache_dir))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    _use_compilation_cache(paths.expand(config.train.compilation_cache_dir))
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_divisibility(config, mesh.shape)
-  _check_writable(workdir)
+  paths.check_writable(workdir, '--workdir')  # every process: a bucket or credentials missing on any host fail here
   lock = run_lock.acquire(workdir)  # before anything writes to the workdir
   writer = MetricWriter(workdir)
   # Fine-tuning: the data is tokenized with the base model's own tokenizer.
@@ -264,7 +263,7 @@ def set_up(config, workdir: str):
 
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
-  run, state, start = set_up(config, os.path.abspath(os.path.expanduser(workdir)))
+  run, state, start = set_up(config, str(paths.path(workdir)))
   with run.lock:  # until the run's last file (results, samples) is written
     return _train_from(run, state, start)
 
@@ -275,7 +274,7 @@ def _train_from(run: Run, state, start: int) -> dict:
   writer, steps = run.writer, config.train.num_steps
   tokens_per_step = config.batch_size * config.seq_len
   results = {}
-  step_metrics = StepMetrics(os.path.join(run.workdir, METRICS_FILE), start, config.train.on_nonfinite, writer.log)
+  step_metrics = StepMetrics(paths.path(run.workdir) / METRICS_FILE, start, config.train.on_nonfinite, writer.log)
   stopped_by = None
   clock = TrainingClock()
   first_step_seconds, train_seconds, timed_steps = 0.0, 0.0, 0  # in train steps alone, for the final summary
@@ -327,8 +326,7 @@ def _train_from(run: Run, state, start: int) -> dict:
                'not counted')
   results.update(step=max(start, steps), train_seconds=first_step_seconds + train_seconds)
   if jax.process_index() == 0:
-    with open(os.path.join(run.workdir, RESULTS_FILE), 'w') as f:
-      json.dump(results, f, indent=2)
+    (paths.path(run.workdir) / RESULTS_FILE).write_text(json.dumps(results, indent=2))
   _print_samples(run.model, run.model_params(state), run.data.tokenizer, config, writer)
   writer.close()
   return results

@@ -23,8 +23,8 @@ WIDE = 0.2
 
 def _jaxgpt_logits(workdir):
   config, tokenizer = run_dir.load_run(workdir)
-  model, params, _ = inference.load_params(config, tokenizer, workdir)
-  return np.asarray(model.apply({'params': params}, jnp.array(IDS)))
+  loaded = inference.load(config, tokenizer, workdir)
+  return np.asarray(loaded.model.apply({'params': loaded.params}, jnp.array(IDS)))
 
 
 @pytest.mark.parametrize('save', [save_gpt2, save_llama], ids=['gpt2', 'llama'])

@@ -381,7 +381,7 @@ class Flow:
 # The pages whose commands share a sandbox, in order; README's quickstart run is performance.md's too.
 FLOWS = {
     'quickstart': ('README.md', 'docs/performance.md'),
-    'data': ('docs/data.md',),
+    'data': ('docs/data.md', 'docs/storage.md'),
     'finetuning': ('docs/finetuning.md',),
     'cluster': ('docs/gpu.md', 'docs/tpu.md'),
     'sharding': ('docs/sharding.md',),
@@ -616,17 +616,18 @@ from jaxgpt.config import define_config_flag, validate
 from tools.plan import plan
 define_config_flag()
 flags.DEFINE_integer('devices', 1, 'devices the mesh spans')
+flags.DEFINE_integer('slices', 1, 'slices (GPU hosts) they form')
 flags.FLAGS(sys.argv)
 validate(flags.FLAGS.config)
-print(plan(flags.FLAGS.config, flags.FLAGS.devices)['mesh'])
+print(plan(flags.FLAGS.config, flags.FLAGS.devices, flags.FLAGS.slices)['mesh'])
 """
 
 
-def mesh_of(command: str, devices: int, env: dict) -> dict:
-  """The mesh a `python -m jaxgpt.train ...` line's config resolves to on `devices`, its config valid."""
+def mesh_of(command: str, devices: int, env: dict, slices: int = 1) -> dict:
+  """The mesh a `python -m jaxgpt.train ...` line's config resolves to on `devices` in `slices`, its config valid."""
   args = shlex.split(re.sub(r'\$(\w+)', lambda m: env[m.group(1)], command))
   done = subprocess.run([sys.executable, '-c', _CHECK_CONFIG, '--config', args[args.index('--config') + 1],
-                         f'--devices={devices}', *(a for a in args if a.startswith('--config.'))],
+                         f'--devices={devices}', f'--slices={slices}', *(a for a in args if a.startswith('--config.'))],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   return ast.literal_eval(done.stdout.strip())
@@ -638,9 +639,14 @@ def _gpu_nodes(page: str) -> tuple[int, int]:
 
 
 def _sbatch_nodes_match_the_mesh(command, flow) -> None:
-  """The job's nodes x GPUs per node are the devices of the mesh of its srun line."""
+  """One task per GPU, each seeing all of its node's; the mesh of the srun line: hosts x GPUs (each host a slice)."""
+  script = open(os.path.join(REPO, command.page)).read()
   nodes, gpus = _gpu_nodes(command.page)
-  assert mesh_of(command.text.removeprefix('srun '), nodes * gpus, {'SLURM_JOB_ID': '1'}) == {
+  assert int(re.search(r'#SBATCH --ntasks-per-node=(\d+)', script).group(1)) == gpus
+  assert not re.search(r'#SBATCH --(gpus-per-task|gpu-bind)', script)  # JAX picks GPU SLURM_LOCALID of all
+  assert re.search(r'#SBATCH --signal=TERM@\d+', script) and '#SBATCH --requeue' in script
+  assert '$SLURM_JOB_ID' not in command.text  # a requeued or resubmitted job finds its checkpoints
+  assert mesh_of(command.text.removeprefix('srun '), nodes * gpus, {}, slices=nodes) == {
       'data': nodes, 'fsdp': gpus, 'tensor': 1}
 
 
@@ -648,7 +654,8 @@ def _several_nodes_config_is_valid(command, flow) -> None:
   nodes, gpus = _gpu_nodes(command.page)
   settings = dict(re.findall(r'--config\.distributed\.(\w+)=(\S+)', command.text))
   assert re.fullmatch(r'[\w.]+:\d+', settings['coordinator_address']) and settings['num_processes'] == str(nodes)
-  assert mesh_of(command.text, nodes * gpus, {'NODE_RANK': '0'}) == {'data': nodes, 'fsdp': gpus, 'tensor': 1}
+  assert mesh_of(command.text, nodes * gpus, {'NODE_RANK': '0'}, slices=nodes) == {
+      'data': nodes, 'fsdp': gpus, 'tensor': 1}
 
 
 def _page_command(page: str, pattern: str) -> str:
@@ -656,28 +663,122 @@ def _page_command(page: str, pattern: str) -> str:
   return text
 
 
-def _slice_is_the_planned_device_count(command, flow) -> None:
-  chips = int(re.search(r'--accelerator-type=v5litepod-(\d+)', command.text).group(1))
-  assert f'--devices {chips} ' in _page_command(command.page, r'tools/plan\.py')
-
-
-def _copied_where_training_reads(command, flow) -> None:
-  """gsutil's object is the file the training command reads through the bucket's mount."""
-  destination = command.text.split()[-1].replace('$BUCKET/', '/mnt/bucket/')
-  assert f'--config.data.path={destination}' in _page_command(command.page, r'^gcloud .*-m jaxgpt\.train')
-
-
-def _mounted_where_training_reads_and_writes(command, flow) -> None:
-  mount = command.text.split()[-1].rstrip("'")
-  train = _page_command(command.page, r'^gcloud .*-m jaxgpt\.train')
-  paths = re.findall(r'(?:--workdir |--config\.data\.(?:path|cache_dir)=)(\S+)', train)
-  assert len(paths) == 3 and all(p.startswith(mount + '/') for p in paths), paths
+def _page_exports(page: str) -> list[dict]:
+  """The variables each `export` line of the page sets, in page order."""
+  return [dict(re.findall(r'(\w+)=(\S+)', c.text)) for c in doc_commands()
+          if c.page == page and c.text.startswith('export ')]
 
 
 def _exports_set_the_later_variables(command, flow) -> None:
-  exported = set(re.findall(r'(\w+)=', command.text))
+  exported = {name for values in _page_exports(command.page) for name in values}
   used = {v for c in doc_commands() if c.page == command.page for v in re.findall(r'\$\{?(\w+)', c.text)}
-  assert used - {'USER'} <= exported, used - exported
+  assert used <= exported, used - exported
+
+
+def _chips(accelerator_type: str) -> int:
+  """The chips of a v5e slice type: its number (v4 and v5p count TensorCores, two per chip)."""
+  return int(re.fullmatch(r'v5litepod-(\d+)', accelerator_type).group(1))
+
+
+def _slice_is_the_planned_device_count(command, flow) -> None:
+  """The training slice is the device count the plan checks; the serving slice its --infer_devices."""
+  assert '--accelerator-type=$TYPE' in command.text
+  training, serving = (_chips(values['TYPE']) for values in _page_exports(command.page))
+  plan = _page_command(command.page, r'^python tools/plan\.py .*--infer_devices')
+  assert f'--devices {training} ' in plan and f'--infer_devices {serving} ' in plan
+
+
+def _serving_slice_is_one_vm(command, flow) -> None:
+  """v5e's single-VM types are 8 chips or fewer; multi-host slices cannot serve (one program on every worker)."""
+  assert _chips(_page_exports(command.page)[-1]['TYPE']) <= 8
+  [create] = [c for c in doc_commands() if c.page == command.page and 'queued-resources create' in c.text]
+  _slice_is_the_planned_device_count(create, flow)
+
+
+def _same_resource(command, flow) -> None:
+  """describe and delete name the queued resource that create made, where it made it."""
+  create = _page_command(command.page, r'queued-resources create')
+  for flag in ('--project=$PROJECT', '--zone=$ZONE'):
+    assert flag in create and flag in command.text
+  assert command.text.split()[5] == create.split()[5] == '$TPU'
+
+
+def _bucket_in_the_zones_region(command, flow) -> None:
+  [zone] = [values['ZONE'] for values in _page_exports(command.page) if 'ZONE' in values]
+  assert f'--location={zone.rsplit("-", 1)[0]}' in command.text
+
+
+def _storage_test_trains_so(command, flow) -> None:
+  """Each path the command puts in a bucket, tests/test_storage.py's run puts in its emulated bucket too."""
+  source = open(os.path.join(REPO, 'tests', 'test_storage.py')).read()
+  args = shlex.split(command.text)
+  for before, arg in zip(args, args[1:]):
+    if 'gs://' in arg:
+      flag = before if arg.startswith('gs://') else arg.split('=')[0]  # --workdir URL, --config.field=URL
+      assert (f"'{flag.removeprefix('--config.')}': f'gs://" if flag != '--workdir' else "workdir = f'gs://") in source
+
+
+def _copied_where_training_reads(command, flow) -> None:
+  """gcloud storage's object is the corpus that prepare and training read."""
+  destination = command.text.split()[-1]
+  for pattern in (r'^~/venv/bin/python -m jaxgpt\.prepare', r'^~/venv/bin/python -m jaxgpt\.train'):
+    assert f'--config.data.path={destination}' in _page_command(command.page, pattern)
+
+
+def _inner(command) -> list[str]:
+  """The jaxgpt commands that `command` runs on the VMs (gcloud ... --command='...')."""
+  return [c.text for c in doc_commands() if c.inside == command.key]
+
+
+def _training_reuses_the_prepared_data(command, flow) -> None:
+  """Prepare runs on one worker, training on all; both name the same data settings, so training reuses it."""
+  train = _page_command(command.page, r'^gcloud .*-m jaxgpt\.train')
+  assert '--worker=0 ' in command.text and '--worker=all ' in train
+
+  def data_flags(texts):
+    return sorted(flag for text in texts for flag in re.findall(r'--config\.data\.\S+', text))
+  assert data_flags(_inner(command)) == data_flags([_page_command(command.page, r'^~/venv/bin/python -m jaxgpt\.train')])
+  assert len(data_flags(_inner(command))) == 2
+
+
+def _inference_reads_the_trained_run(command, flow) -> None:
+  """sample, evaluate and serve read the workdir training wrote, on the serving VM (one worker: no --worker)."""
+  workdir = re.search(r'--workdir (\S+)', _page_command(command.page, r'^~/venv/bin/python -m jaxgpt\.train')).group(1)
+  assert workdir.startswith('gs://') and '--worker' not in command.text
+  inner = _inner(command)
+  assert inner and all(re.search(r'--workdir (\S+)', text).group(1) == workdir for text in inner)
+
+
+def _port_forwarded_to_the_server(command, flow) -> None:
+  port = re.search(r'--port (\d+)', command.text).group(1)
+  assert command.text.endswith(f'-- -L {port}:localhost:{port}')
+  assert f'localhost:{port}/' in _page_command(command.page, r'^curl ')
+  _inference_reads_the_trained_run(command, flow)
+
+
+def _code_copied_where_it_is_installed(command, flow) -> None:
+  source, destination = command.text.split()[6:8]
+  assert source == '~/jaxgpt' and destination == '$TPU:~' and '--worker=all' in command.text
+  assert 'cd ~/jaxgpt &&' in _page_command(command.page, r'uv pip install')
+
+
+def _python_that_jaxgpt_supports(command, flow) -> None:
+  """uv's Python meets pyproject's requires-python, which the TPU image's 3.10 does not; JAX within the pin."""
+  from packaging.specifiers import SpecifierSet
+  requires = SpecifierSet(tomllib.load(open(os.path.join(REPO, 'pyproject.toml'), 'rb'))['project']['requires-python'])
+  version = re.search(r'uv venv --python (\S+)', command.text).group(1)
+  assert version in requires and '3.10' not in requires
+  assert '--worker=all' in command.text
+  _jax_within_the_pin(command, flow)
+
+
+def _as_the_tpu_page_runs_it(pattern: str):
+  """README's bucket command is docs/tpu.md's (which runs here with local paths), less the per-worker flags."""
+  def check(command, flow):
+    tpu = _page_command('docs/tpu.md', pattern).removeprefix('~/venv/bin/')
+    flags = set(shlex.split(command.text)) - {'--config.distributed.auto=True'}
+    assert flags <= set(shlex.split(tpu)) - {'2>&1', '|', 'tee', '~/train.log'}, flags - set(shlex.split(tpu))
+  return check
 
 
 def _depth_sweep_compiles(command, flow) -> None:
@@ -770,6 +871,36 @@ def _plan_fits(device: str):
   return expect
 
 
+def _plan_fits_to_train_and_serve(device: str, serving_devices: int):
+  def expect(result, flow):
+    _plan_fits(device)(result, flow)
+    assert f"on mesh {{'data': 1, 'fsdp': {serving_devices}, 'tensor': 1}}" in result.stdout, result.stdout[-800:]
+    assert re.search(rf'{re.escape(device)}\s+\d+ GiB to serve: fits', result.stdout), result.stdout[-500:]
+  return expect
+
+
+def _plan_across_slices(mesh: str):
+  def expect(result, flow):
+    assert f'mesh {mesh}' in result.stdout and re.search(r'TPU v5e\s+\d+ GiB: fits', result.stdout), result.stdout
+  return expect
+
+
+def _prepared_somewhere(result, flow) -> None:
+  assert 'dataset: ' in result.stdout, result.stdout[-500:]
+
+
+def _reused_prepared_data(result, flow) -> None:
+  assert 'data: reusing' in result.stdout, result.stdout[-2000:]  # the prepare command before built it
+
+
+def _completion_within(max_tokens: int):
+  def expect(result, flow):
+    answer = json.loads(result.stdout)
+    assert isinstance(answer['choices'][0]['text'], str), answer
+    assert 0 < answer['usage']['completion_tokens'] <= max_tokens, answer
+  return expect
+
+
 def _prepared(reused: bool):
   def expect(result, flow):
     assert ('data: reusing' in result.stdout) == reused and 'dataset: ' in result.stdout
@@ -826,6 +957,13 @@ TABLE = {
         '--config.data.path=corpus.jsonl --config.data.text_field=text': Run(append(QUICKSTART_TINY)),
         "python tools/plan.py --config configs/llama_1b.py --devices 16 --device 'TPU v5e'": Run(
             expect=_plan_fits('TPU v5e')),
+        'python -m jaxgpt.train --config configs/llama_1b.py --workdir gs://my-bucket/runs/llama1b '
+        '--config.data.path=gs://my-bucket/data/corpus.jsonl --config.data.cache_dir=gs://my-bucket/cache': NotHere(
+            'trains in a Cloud Storage bucket; docs/tpu.md\'s training command, which runs here with local paths',
+            _as_the_tpu_page_runs_it(r'^~/venv/bin/python -m jaxgpt\.train')),
+        'python -m jaxgpt.sample --workdir gs://my-bucket/runs/llama1b --prompt "The meaning of life is"': NotHere(
+            'reads a run in a Cloud Storage bucket; docs/tpu.md\'s sample command, which runs here with local paths',
+            _as_the_tpu_page_runs_it(r'^~/venv/bin/python -m jaxgpt\.sample')),
     },
     'docs/data.md': {
         'python -m jaxgpt.prepare --config configs/quickstart.py': Run(append(STDLIB_DATA), expect=_prepared(True)),
@@ -873,21 +1011,21 @@ TABLE = {
             append(GPT2_TINY, '--workdir=runs/gpt2-medium', *ON_THIS_MACHINE)),
         'source ~/venv/bin/activate': Run(),
         'cd ~/jaxgpt': Run(),
-        'srun python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b-$SLURM_JOB_ID '
-        '--config.distributed.auto=True --config.mesh.data=4 --config.mesh.fsdp=8 --config.optim.grad_accum_steps=8 '
-        '--config.data.source=jsonl --config.data.path=/shared/data/corpus.jsonl --config.data.cache_dir=/shared/cache':
+        'srun python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b '
+        '--config.distributed.auto=True --config.optim.grad_accum_steps=8 --config.data.source=jsonl '
+        '--config.data.path=/shared/data/corpus.jsonl --config.data.cache_dir=/shared/cache':
             NotHere('a SLURM job on 4 GPU nodes', _sbatch_nodes_match_the_mesh),
-        # One process with the 32 devices of the job (4 nodes x 8 GPUs), as fake CPU devices.
-        'python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b-$SLURM_JOB_ID '
-        '--config.distributed.auto=True --config.mesh.data=4 --config.mesh.fsdp=8 --config.optim.grad_accum_steps=8 '
-        '--config.data.source=jsonl --config.data.path=/shared/data/corpus.jsonl --config.data.cache_dir=/shared/cache':
-            Run(append(LLAMA_1B_TINY, '--workdir=runs/llama1b-srun', *ON_THIS_MACHINE),
-                env=(('SLURM_JOB_ID', '1'), ('XLA_FLAGS', '--xla_force_host_platform_device_count=32'))),
+        # One process with the 32 devices of the job (4 nodes x 8 GPUs) as fake CPU devices: one slice here, so
+        # mesh.data=4 stands for the 4 hosts (mesh.dcn_data there) and the mesh is the job's 4 x 8.
+        'python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b '
+        '--config.distributed.auto=True --config.optim.grad_accum_steps=8 --config.data.source=jsonl '
+        '--config.data.path=/shared/data/corpus.jsonl --config.data.cache_dir=/shared/cache':
+            Run(append(LLAMA_1B_TINY, '--workdir=runs/llama1b-srun', '--config.mesh.data=4', *ON_THIS_MACHINE),
+                env=(('XLA_FLAGS', '--xla_force_host_platform_device_count=32'),)),
         'python -m jaxgpt.train --config configs/llama_1b.py --workdir /shared/runs/llama1b '
         '--config.distributed.coordinator_address=10.0.0.1:1234 --config.distributed.num_processes=4 '
-        '--config.distributed.process_id=$NODE_RANK --config.mesh.data=4 --config.mesh.fsdp=8 '
-        '--config.optim.grad_accum_steps=8 --config.data.source=jsonl --config.data.path=/shared/data/corpus.jsonl '
-        '--config.data.cache_dir=/shared/cache': NotHere(
+        '--config.distributed.process_id=$NODE_RANK --config.optim.grad_accum_steps=8 --config.data.source=jsonl '
+        '--config.data.path=/shared/data/corpus.jsonl --config.data.cache_dir=/shared/cache': NotHere(
             'four nodes that reach a coordinator at 10.0.0.1 (tests/test_multihost.py runs two processes on one host)',
             _several_nodes_config_is_valid),
     },
@@ -915,30 +1053,74 @@ TABLE = {
                   "print(json.dumps({name: rules[name] for name in ('vocab', 'act_vocab', 'embed')}))",
             expect=_sharding_rule_overridden),
     },
+    'docs/storage.md': {
+        'python -m jaxgpt.train --config configs/quickstart.py --workdir gs://my-bucket/runs/quickstart '
+        '--config.data.cache_dir=gs://my-bucket/cache --config.train.compilation_cache_dir=gs://my-bucket/xla': NotHere(
+            'trains in a Cloud Storage bucket; tests/test_storage.py trains so in an emulated one',
+            _storage_test_trains_so),
+        'python -m pytest -q tests/test_storage.py': NotHere('part of the suite this test is part of',
+                                                             _pytest_collects_this_suite),
+    },
     'docs/tpu.md': {
-        'export PROJECT=my-project ZONE=us-west4-a TPU=jaxgpt-v5e BUCKET=gs://my-bucket': NotHere(
+        'export PROJECT=my-project ZONE=us-west4-a TPU=jaxgpt-v5e TYPE=v5litepod-16': NotHere(
             'sets the variables of the Cloud commands below', _exports_set_the_later_variables),
-        'gcloud compute tpus tpu-vm create $TPU --project=$PROJECT --zone=$ZONE --accelerator-type=v5litepod-16 '
-        '--version=v2-alpha-tpuv5-lite': NotHere('creates a Cloud TPU', _slice_is_the_planned_device_count),
-        'gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command=\' git clone '
-        'https://YOUR_GIT_HOST/jaxgpt.git && cd jaxgpt && python3 -m venv ~/venv && ~/venv/bin/pip install -U pip && '
-        '~/venv/bin/pip install -e . "jax[tpu]"\'': NotHere('installs on Cloud TPU VMs', _jax_within_the_pin),
-        'gsutil cp corpus.jsonl $BUCKET/data/corpus.jsonl': NotHere('writes to Cloud Storage',
-                                                                   _copied_where_training_reads),
-        "gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command=' sudo mkdir -p /mnt/bucket && sudo "
-        "chown $USER /mnt/bucket && gcsfuse --implicit-dirs '${BUCKET#gs://}' /mnt/bucket'": NotHere(
-            'mounts a Cloud Storage bucket on Cloud TPU VMs', _mounted_where_training_reads_and_writes),
-        "python tools/plan.py --config configs/llama_1b.py --devices 16 --device 'TPU v5e'": Run(
-            expect=_plan_fits('TPU v5e')),
-        "gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command=' cd jaxgpt && ~/venv/bin/python -m "
-        "jaxgpt.train --config configs/llama_1b.py \\ --workdir /mnt/bucket/runs/llama1b \\ "
-        "--config.distributed.auto=True \\ --config.data.source=jsonl --config.data.path=/mnt/bucket/data/corpus.jsonl "
-        "\\ --config.data.cache_dir=/mnt/bucket/cache \\ 2>&1 | tee ~/train.log'": NotHere(
+        'gcloud storage buckets create gs://my-bucket --project=$PROJECT --location=us-west4': NotHere(
+            'creates a Cloud Storage bucket', _bucket_in_the_zones_region),
+        'gcloud storage cp corpus.jsonl gs://my-bucket/data/corpus.jsonl': NotHere(
+            'writes to Cloud Storage', _copied_where_training_reads),
+        'gcloud compute tpus queued-resources create $TPU --node-id=$TPU --project=$PROJECT --zone=$ZONE '
+        '--accelerator-type=$TYPE --runtime-version=v2-alpha-tpuv5-lite --spot': NotHere(
+            'requests a Cloud TPU slice', _slice_is_the_planned_device_count),
+        'gcloud compute tpus queued-resources describe $TPU --project=$PROJECT --zone=$ZONE': NotHere(
+            'asks Cloud TPU for the request\'s state', _same_resource),
+        'gcloud compute tpus tpu-vm scp --recurse ~/jaxgpt $TPU:~ --project=$PROJECT --zone=$ZONE --worker=all': NotHere(
+            'copies to Cloud TPU VMs', _code_copied_where_it_is_installed),
+        'gcloud compute tpus tpu-vm ssh $TPU --project=$PROJECT --zone=$ZONE --worker=all --command=\' curl -LsSf '
+        'https://astral.sh/uv/install.sh | sh && ~/.local/bin/uv venv --python 3.12 ~/venv && cd ~/jaxgpt && '
+        '~/.local/bin/uv pip install --python ~/venv/bin/python -e . "jax[tpu]"\'': NotHere(
+            'installs on Cloud TPU VMs, from the network', _python_that_jaxgpt_supports),
+        "gcloud compute tpus tpu-vm ssh $TPU --project=$PROJECT --zone=$ZONE --worker=0 --command=' cd ~/jaxgpt && "
+        "~/venv/bin/python -m jaxgpt.prepare --config configs/llama_1b.py \\ "
+        "--config.data.path=gs://my-bucket/data/corpus.jsonl --config.data.cache_dir=gs://my-bucket/cache'": NotHere(
+            'runs on a Cloud TPU VM; its jaxgpt command runs here as the next entry', _training_reuses_the_prepared_data),
+        # The commands on the VMs run here with the bucket's paths replaced by local ones (a later flag wins).
+        '~/venv/bin/python -m jaxgpt.prepare --config configs/llama_1b.py '
+        '--config.data.path=gs://my-bucket/data/corpus.jsonl --config.data.cache_dir=gs://my-bucket/cache': Run(
+            append({k: v for k, v in LLAMA_1B_TINY.items() if k.startswith('data.')}, *ON_THIS_MACHINE),
+            expect=_prepared_somewhere),
+        "python tools/plan.py --config configs/llama_1b.py --devices 16 --infer_devices 8 --device 'TPU v5e'": Run(
+            expect=_plan_fits_to_train_and_serve('TPU v5e', serving_devices=8)),
+        "gcloud compute tpus tpu-vm ssh $TPU --project=$PROJECT --zone=$ZONE --worker=all --command=' cd ~/jaxgpt && "
+        "~/venv/bin/python -m jaxgpt.train --config configs/llama_1b.py \\ --workdir gs://my-bucket/runs/llama1b "
+        "--config.distributed.auto=True \\ --config.data.path=gs://my-bucket/data/corpus.jsonl "
+        "--config.data.cache_dir=gs://my-bucket/cache \\ 2>&1 | tee ~/train.log'": NotHere(
             'runs on Cloud TPU VMs; its jaxgpt command runs here as the next entry'),
-        '~/venv/bin/python -m jaxgpt.train --config configs/llama_1b.py --workdir /mnt/bucket/runs/llama1b '
-        '--config.distributed.auto=True --config.data.source=jsonl --config.data.path=/mnt/bucket/data/corpus.jsonl '
-        '--config.data.cache_dir=/mnt/bucket/cache 2>&1 | tee ~/train.log': Run(
-            append(LLAMA_1B_TINY, '--workdir=runs/llama1b', *ON_THIS_MACHINE)),
+        '~/venv/bin/python -m jaxgpt.train --config configs/llama_1b.py --workdir gs://my-bucket/runs/llama1b '
+        '--config.distributed.auto=True --config.data.path=gs://my-bucket/data/corpus.jsonl '
+        '--config.data.cache_dir=gs://my-bucket/cache 2>&1 | tee ~/train.log': Run(
+            append(LLAMA_1B_TINY, '--workdir=runs/llama1b', *ON_THIS_MACHINE), expect=_reused_prepared_data),
+        'gcloud compute tpus queued-resources delete $TPU --project=$PROJECT --zone=$ZONE --force --quiet': NotHere(
+            'deletes a Cloud TPU request', _same_resource),
+        'export TPU=jaxgpt-serve TYPE=v5litepod-8': NotHere(
+            'sets the variables of the Cloud commands for the serving VM', _serving_slice_is_one_vm),
+        "gcloud compute tpus tpu-vm ssh $TPU --project=$PROJECT --zone=$ZONE --command=' cd ~/jaxgpt && "
+        "~/venv/bin/python -m jaxgpt.sample --workdir gs://my-bucket/runs/llama1b \\ --prompt \"The meaning of life "
+        "is\" && ~/venv/bin/python -m jaxgpt.evaluate --workdir gs://my-bucket/runs/llama1b'": NotHere(
+            'runs on a Cloud TPU VM; its jaxgpt commands run here as the next entries', _inference_reads_the_trained_run),
+        '~/venv/bin/python -m jaxgpt.sample --workdir gs://my-bucket/runs/llama1b --prompt "The meaning of life is"': Run(
+            append({}, '--workdir=runs/llama1b'), expect=sampled('The meaning of life is', step=2)),
+        '~/venv/bin/python -m jaxgpt.evaluate --workdir gs://my-bucket/runs/llama1b': Run(
+            append({}, '--workdir=runs/llama1b')),
+        "gcloud compute tpus tpu-vm ssh $TPU --project=$PROJECT --zone=$ZONE --command=' cd ~/jaxgpt && "
+        "~/venv/bin/python -m jaxgpt.serve --workdir gs://my-bucket/runs/llama1b --port 8000' -- -L "
+        "8000:localhost:8000": NotHere('runs on a Cloud TPU VM; its jaxgpt command runs here as the next entry',
+                                       _port_forwarded_to_the_server),
+        '~/venv/bin/python -m jaxgpt.serve --workdir gs://my-bucket/runs/llama1b --port 8000': Serve(
+            append({}, '--workdir=runs/llama1b')),
+        'curl -s localhost:8000/v1/completions -H \'Content-Type: application/json\' -d \'{"prompt": "The meaning of '
+        'life is", "max_tokens": 32}\'': Request(expect=_completion_within(32)),
+        'python tools/plan.py --config configs/llama_1b.py --devices 64 --slices 4 --config.optim.grad_accum_steps=4':
+            Run(expect=_plan_across_slices("{'data': 4, 'fsdp': 16, 'tensor': 1} on 64 devices (4 slices)")),
     },
 }
 

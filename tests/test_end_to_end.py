@@ -200,7 +200,8 @@ def test_export_loads_in_transformers_with_the_logits_of_the_run(config, command
     run, exported = os.path.join(flow.directory, run), os.path.join(flow.directory, os.path.expanduser(exported))
     model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
     run_config, tokenizer = run_dir.load_run(run)
-    jax_model, params, _ = inference.load_params(run_config, tokenizer, run)
+    loaded = inference.load(run_config, tokenizer, run)
+    jax_model, params = loaded.model, loaded.params
   assert type(model).__name__ == ('LlamaForCausalLM' if config == 'llama_tiny' else 'GPT2LMHeadModel')
   ids = [tokenizer.encode('the lazy dog jumps')]
   assert transformers.AutoTokenizer.from_pretrained(exported)('the lazy dog jumps')['input_ids'] == ids[0]

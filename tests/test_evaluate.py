@@ -17,7 +17,8 @@ from jaxgpt.sample import Sampling, complete
 
 def test_perplexity_and_bits_per_byte_match_a_direct_computation(trained_run):
   config, tokenizer = run_dir.load_run(trained_run)
-  model, params, _ = inference.load_params(config, tokenizer, trained_run)
+  loaded = inference.load(config, tokenizer, trained_run)
+  model, params = loaded.model, loaded.params
   text = 'def add(a, b):\n    return a + b\n' * 12  # longer than seq_len=64 tokens: several windows
   doc = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
   assert len(doc) > 2 * config.seq_len
@@ -36,7 +37,8 @@ def test_perplexity_and_bits_per_byte_match_a_direct_computation(trained_run):
 
 def test_bleu_and_rouge_are_perfect_on_the_models_own_output_and_lower_elsewhere(trained_run):
   config, tokenizer = run_dir.load_run(trained_run)
-  model, params, _ = inference.load_params(config, tokenizer, trained_run)
+  loaded = inference.load(config, tokenizer, trained_run)
+  model, params = loaded.model, loaded.params
   # Sampled (a 10-step model's greedy output is mostly blank lines), with a fixed seed, so the same
   # continuation comes back; several words each, as BLEU counts up to 4-grams.
   sampling = Sampling(max_new_tokens=48, temperature=1.0, seed=1)
@@ -54,7 +56,8 @@ def test_bleu_and_rouge_are_perfect_on_the_models_own_output_and_lower_elsewhere
 
 def test_evaluate_command_writes_results_samples_and_tensorboard(trained_run, tmp_path):
   config, tokenizer = run_dir.load_run(trained_run)
-  model, params, _ = inference.load_params(config, tokenizer, trained_run)
+  loaded = inference.load(config, tokenizer, trained_run)
+  model, params = loaded.model, loaded.params
   # Sampled: a 10-step model's greedy output is blank lines, which scores 0 against any reference and would
   # make every BLEU and ROUGE figure 0 whatever the command did. One reference is the model's own output.
   sampling = Sampling(max_new_tokens=16, temperature=1.0, seed=1)
@@ -112,7 +115,8 @@ def test_training_reports_figures_on_the_whole_held_out_split(trained_run):
   """The run's last validation reads every held-out token once; jaxgpt.evaluate gives the same figures, and
   per-document windows (another way to cut the context) agree closely, over exactly the text's bytes."""
   config, tokenizer = run_dir.load_run(trained_run)
-  model, params, _ = inference.load_params(config, tokenizer, trained_run)
+  loaded = inference.load(config, tokenizer, trained_run)
+  model, params = loaded.model, loaded.params
   data = run_data(config, tokenizer)
   split = data.source('validation')
   docs = [list(split[i]['tokens']) for i in range(len(split))]

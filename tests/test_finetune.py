@@ -110,8 +110,8 @@ def test_instruction_tuning_learns_upper_casing(tmp_path, data_cache):
   train(config, str(tmp_path / 'run'))
   run_config, tokenizer = run_dir.load_run(str(tmp_path / 'run'))
   assert tokenizer.fingerprint == base.tokenizer.fingerprint
-  model, params, _ = inference.load_params(run_config, tokenizer, str(tmp_path / 'run'))
-  after = _accuracy(model, params, tokenizer, held_out)
+  loaded = inference.load(run_config, tokenizer, str(tmp_path / 'run'))
+  after = _accuracy(loaded.model, loaded.params, tokenizer, held_out)
   print(f'exact match on 40 unseen words: {before:.2f} before, {after:.2f} after fine-tuning')
   assert before <= 0.05 and after >= 0.8
 

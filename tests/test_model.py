@@ -9,7 +9,8 @@ import pytest
 
 from conftest import LLAMA_OPTIONS, architecture_variants
 
-from jaxgpt.model import GPT, ModelConfig, chunked_cross_entropy, flops_per_token, num_params
+from jaxgpt.config import JaxgptError
+from jaxgpt.model import GPT, ModelConfig, attention_plan, chunked_cross_entropy, flops_per_token, num_params
 
 CFG = ModelConfig(vocab_size=97, max_len=32, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
 VARIANTS = architecture_variants(CFG)
@@ -192,3 +193,52 @@ def test_bfloat16_compute_keeps_float32_parameters_and_matches_float32(cfg):
   # bf16 rounding moves these logits (std about 0.12) by about 0.002; 0.05 would let a real error through.
   np.testing.assert_allclose(half_logits, full_logits, atol=0.01)
   assert np.abs(np.asarray(half_logits - full_logits)).max() > 0  # it did compute in bf16
+
+
+@pytest.mark.parametrize('attention,backend,changes,packed,cached,expected', [
+    ('auto', 'gpu', {}, False, False, ('cudnn', 'causal')),  # cuDNN's causal kernel: no dense mask, no bias
+    ('auto', 'gpu', {}, True, False, ('xla', 'segments')),  # JAX's cuDNN call takes no segment ids
+    ('auto', 'gpu', {'dtype': 'float32'}, False, False, ('xla', 'causal')),  # cuDNN flash attention: fp16/bf16
+    ('auto', 'gpu', {'embed_dim': 320, 'num_heads': 2}, False, False, ('xla', 'causal')),  # head dim 160 > 128
+    ('auto', 'gpu', {}, False, True, ('xla', 'cache')),  # decoding attends over the cache slots
+    ('auto', 'tpu', {}, False, False, ('xla', 'causal')),
+    ('auto', 'cpu', {'dtype': 'float32'}, True, False, ('xla', 'segments')),
+    ('cudnn', 'gpu', {}, False, False, ('cudnn', 'causal')),
+    ('cudnn', 'gpu', {}, True, False, ('cudnn', 'segments')),  # insisted on: the slow bias path
+    ('xla', 'gpu', {}, False, False, ('xla', 'causal')),
+    ('splash', 'tpu', {}, True, False, ('splash', 'segments')),
+    ('splash', 'tpu', {}, False, True, ('xla', 'cache')),
+])
+def test_attention_plan_takes_cudnn_with_the_causal_flag_where_it_applies(attention, backend, changes, packed,
+                                                                          cached, expected):
+  cfg = dataclasses.replace(CFG, attention=attention, **{'dtype': 'bfloat16', **changes})
+  assert tuple(attention_plan(cfg, backend, packed=packed, cached=cached)) == expected
+
+
+@pytest.mark.parametrize('attention,backend,dtype,message', [
+    ('cudnn', 'cpu', 'bfloat16', "'cudnn' needs an NVIDIA GPU, and JAX runs on cpu"),
+    ('cudnn', 'tpu', 'bfloat16', "'cudnn' needs an NVIDIA GPU, and JAX runs on tpu"),
+    ('cudnn', 'gpu', 'float32', "computes in bfloat16 or float16, and model.dtype is 'float32'"),
+    ('splash', 'gpu', 'bfloat16', "'splash' is a TPU kernel"),
+])
+def test_attention_that_cannot_run_is_one_clear_error(attention, backend, dtype, message):
+  cfg = dataclasses.replace(CFG, attention=attention, dtype=dtype)
+  with pytest.raises(JaxgptError, match=message):
+    attention_plan(cfg, backend, packed=True, cached=False)
+  if backend == 'cpu':  # and the model says so when it is built here, not XLA from deep inside
+    with pytest.raises(JaxgptError, match=message):
+      _init(cfg)
+
+
+def test_the_causal_flag_gives_the_logits_of_the_causal_mask():
+  """One document per row (no segment ids) runs XLA with is_causal; the same rows as segments run the mask."""
+  cfg = VARIANTS['llama']  # grouped-query attention too
+  model, params = _init(cfg)
+  tokens = jax.random.randint(jax.random.key(7), (2, 16), 0, cfg.vocab_size)
+  ones = jnp.ones_like(tokens)
+  assert attention_plan(cfg, 'cpu', packed=False, cached=False).mask == 'causal'
+  apply = jax.jit(model.apply)
+  causal = apply({'params': params}, tokens)
+  masked = apply({'params': params}, tokens, ones, jnp.broadcast_to(jnp.arange(16), (2, 16)))
+  np.testing.assert_allclose(causal, masked, atol=1e-6, rtol=1e-6)
+  # (test_changing_a_later_token_never_changes_earlier_logits checks that the causal path is causal.)

@@ -82,8 +82,8 @@ def _wait_until(condition, proc, what: str, timeout=240):
 
 def _final_params(workdir):
   config, tokenizer = run_dir.load_run(str(workdir))
-  _, params, step = inference.load_params(config, tokenizer, str(workdir))
-  return step, params
+  loaded = inference.load(config, tokenizer, str(workdir))
+  return loaded.step, loaded.params
 
 
 def _losses(workdir) -> list[tuple[int, float]]:

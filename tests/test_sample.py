@@ -11,8 +11,9 @@ import pytest
 
 from conftest import LLAMA_OPTIONS, REPO, architecture_variants, run_module
 from jaxgpt.config import JaxgptError
-from jaxgpt.model import GPT, ModelConfig, init_cache
-from jaxgpt.sample import DEFAULT_MAX_NEW_TOKENS, Sampling, fitting_max_new_tokens, generate, sample_tokens, stream
+from jaxgpt.model import GPT, ModelConfig, init_cache, unscanned
+from jaxgpt.sample import (DEFAULT_MAX_NEW_TOKENS, Sampling, _cutoffs, fitting_max_new_tokens, generate, sample_tokens,
+                           stream)
 
 CFG = ModelConfig(vocab_size=97, max_len=48, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
 VARIANTS = {
@@ -36,8 +37,9 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(cfg):
   model, params = _init(cfg)
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, 20), 0, cfg.vocab_size)
   full_BxTxV = jax.jit(model.apply)({'params': params}, tokens_BxT)
-  apply_cached = jax.jit(lambda tokens, positions, cache: model.apply(
-      {'params': params}, tokens, positions_BxT=positions, cache=cache))
+  decoder, decoder_params = unscanned(model, params)
+  apply_cached = jax.jit(lambda tokens, positions, cache: decoder.apply(
+      {'params': decoder_params}, tokens, positions_BxT=positions, cache=cache))
   # Prefill 7 tokens into a 32-slot cache, then feed the rest one at a time.
   positions = jnp.broadcast_to(jnp.arange(20), (2, 20))
   logits, cache = apply_cached(tokens_BxT[:, :7], positions[:, :7], init_cache(cfg, 2, 32))
@@ -48,8 +50,9 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(cfg):
   cached_BxTxV = jnp.concatenate(pieces, axis=1)
   scale = float(jnp.abs(full_BxTxV).max())
   assert scale > 1.0  # logits large enough to show a difference
-  # fp32 rounding: differences of a few ulps of the largest logit, summed over the layers.
-  np.testing.assert_allclose(cached_BxTxV, full_BxTxV, atol=1e-5 * scale, rtol=1e-5)
+  # fp32 rounding, amplified by the large weights: each path alone is up to 2e-5 of the largest logit off a
+  # float64 forward pass (measured), and the two round differently. A wrong mask, slot or head moves logits by ~1.
+  np.testing.assert_allclose(cached_BxTxV, full_BxTxV, atol=5e-5 * scale, rtol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['llama', 'gpt2_unscanned'])
@@ -124,6 +127,24 @@ def test_top_k_and_top_p_limit_the_candidates():
   assert draw(1.0, 0, 0.85) == {0, 1, 2}
   assert draw(0.0, 0, 1.0) == {0}
 
+
+
+def test_cut_offs_are_the_full_sorts_whether_or_not_they_lie_among_the_top_candidates():
+  """sample_tokens finds top-k and top-p cut-offs among the 64 largest logits when all rows' lie there, else sorts."""
+  V = 1000
+  # Sharp rows (x8) hold their mass in a few tokens; a flat row's (x0.5) 0.9 nucleus spans hundreds.
+  logits_BxV = np.random.default_rng(0).normal(size=(5, V)).astype(np.float32) * np.array([[8, 8, 8, 0.5, 8]]).T
+  top_k_B, top_p_B = np.array([10, 0, 0, 0, 200]), np.array([1, 0.9, 0.5, 0.9, 1], np.float32)
+  descending_BxV = -np.sort(-logits_BxV, axis=-1)
+  probs_BxV = np.exp(descending_BxV - descending_BxV[:, :1])
+  first_B = (np.cumsum(probs_BxV / probs_BxV.sum(-1, keepdims=True), axis=-1) < top_p_B[:, None]).sum(-1)
+  expected_B = np.array([descending_BxV[0, 9], descending_BxV[1, first_B[1]], descending_BxV[2, first_B[2]],
+                         descending_BxV[3, first_B[3]], descending_BxV[4, 199]])
+  assert first_B[3] > 64 and first_B[1] < 64  # the flat row needs the sort; row 4's k = 200 too
+  for rows in ([0, 1, 2], [0, 1, 2, 3, 4]):  # all within the top 64, then not
+    cutoffs_B = _cutoffs(jnp.asarray(logits_BxV[rows]), jnp.asarray(top_k_B[rows]), jnp.asarray(top_p_B[rows]))
+    np.testing.assert_array_equal(np.asarray(cutoffs_B)[:, 0], expected_B[rows])
+  assert np.asarray(_cutoffs(jnp.asarray(logits_BxV[:1]), jnp.zeros(1, int), jnp.ones(1)))[0, 0] == -np.inf
 
 @pytest.mark.parametrize('sampling,prompts,message', [
     (Sampling(max_new_tokens=48), PROMPTS, 'max_new_tokens=48 must be between 1 and 47'),

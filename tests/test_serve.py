@@ -59,17 +59,17 @@ def _stop(process):
 
 @pytest.fixture(scope='module')
 def loaded_run(trained_run):
-  """(model, params, tokenizer) of the trained run, in this process."""
+  """(the loaded run, its tokenizer), in this process."""
   config, tokenizer = run_dir.load_run(trained_run)
-  model, params, _ = inference.load_params(config, tokenizer, trained_run)
-  return model, params, tokenizer
+  return inference.load(config, tokenizer, trained_run), tokenizer
 
 
 @pytest.fixture(scope='module')
 def flagged_word(loaded_run):
   """A word that the model writes after OUTPUT_PROMPT (temperature 1, seed 3), found by running it here."""
-  model, params, tokenizer = loaded_run
-  text = complete(model, params, tokenizer, [OUTPUT_PROMPT], Sampling(max_new_tokens=24, temperature=1.0, seed=3))[0].text
+  loaded, tokenizer = loaded_run
+  text = complete(loaded.model, loaded.params, tokenizer, [OUTPUT_PROMPT],
+                  Sampling(max_new_tokens=24, temperature=1.0, seed=3))[0].text
   words = re.findall(r'\b[A-Za-z]{3,}\b', text)  # whole words, as the checker matches them
   assert words, text
   return words[0], text
@@ -89,9 +89,9 @@ def test_health_and_model_info(server, loaded_run):
   client, _ = server
   assert client.get('/health').json()['status'] == 'ok'
   info = client.get('/v1/models').json()['data'][0]
-  _, params, _ = loaded_run
+  loaded, _ = loaded_run
   assert info['context_length'] == 64 and info['step'] == 10
-  assert info['parameters'] == sum(x.size for x in jax.tree.leaves(params))
+  assert info['parameters'] == sum(x.size for x in jax.tree.leaves(loaded.params))
 
 
 def test_completion_is_deterministic_and_counts_tokens(server, loaded_run):
@@ -104,9 +104,9 @@ def test_completion_is_deterministic_and_counts_tokens(server, loaded_run):
   assert choice['text'] == second.json()['choices'][0]['text']
   assert body['object'] == 'text_completion'
   # What the model gives in-process with those settings: the server passed max_tokens, temperature and seed on.
-  model, params, tokenizer = loaded_run
-  expected = complete(model, params, tokenizer, [request['prompt']], Sampling(max_new_tokens=12, temperature=0.8,
-                                                                             seed=5))[0]
+  loaded, tokenizer = loaded_run
+  expected = complete(loaded.model, loaded.params, tokenizer, [request['prompt']],
+                      Sampling(max_new_tokens=12, temperature=0.8, seed=5))[0]
   assert (choice['text'], choice['finish_reason']) == (expected.text, expected.finish_reason)
   assert body['usage'] == {'prompt_tokens': len(encode_prompt(tokenizer, request['prompt'])),
                            'completion_tokens': expected.num_tokens,
@@ -208,8 +208,8 @@ def test_one_bad_request_does_not_fail_the_others_sent_with_it(server):
 
 
 def test_a_failed_batch_answers_its_own_requests_and_the_worker_goes_on(loaded_run):
-  model, params, tokenizer = loaded_run
-  engine = Engine(model, params, tokenizer, max_batch=1, queue_size=4, chunk_tokens=8)
+  loaded, tokenizer = loaded_run
+  engine = Engine(loaded, tokenizer, max_batch=1, queue_size=4, chunk_tokens=8)
 
   async def answers():
     loop = asyncio.get_running_loop()
@@ -225,7 +225,7 @@ def test_a_failed_batch_answers_its_own_requests_and_the_worker_goes_on(loaded_r
 
   failure, deltas = asyncio.run(answers())
   assert isinstance(failure, Exception)
-  expected = complete(model, params, tokenizer, ['def '], Sampling(max_new_tokens=4))[0]
+  expected = complete(loaded.model, loaded.params, tokenizer, ['def '], Sampling(max_new_tokens=4))[0]
   assert ''.join(d.text for d in deltas) == expected.text and deltas[-1].finish_reason == expected.finish_reason
 
 

@@ -1,11 +1,13 @@
 """Sharded training equals one device: 8 fake CPU devices in a subprocess."""
 
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -87,3 +89,68 @@ def test_rules_can_be_overridden_from_config(tiny_config):
   tiny_config.mesh.rules = (('vocabulary', None),)
   with pytest.raises(JaxgptError, match="unknown logical axes \\['vocabulary'\\]"):
     sharding.logical_rules(tiny_config.mesh)
+
+
+# --- several slices (TPU multi-slice, GPU hosts) -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpuChip:
+  """What jax's mesh utilities read of a device: its slice, its place in the slice's torus (TPU), its kind."""
+  id: int
+  slice_index: int
+  coords: tuple
+  process_index: int = 0
+  core_on_chip: int = 0
+  platform: str = 'tpu'
+  device_kind: str = 'TPU v4'
+
+
+def two_v4_16_slices() -> list:
+  """Two slices of 8 chips, each a 2x2x2 torus, in jax.devices() order (slice by slice)."""
+  return [FakeTpuChip(id=8 * s + i, slice_index=s, coords=(i % 2, i // 2 % 2, i // 4), process_index=2 * s + i // 4)
+          for s in range(2) for i in range(8)]
+
+
+def test_by_default_the_batch_is_split_across_slices_and_fsdp_stays_inside_one():
+  devices = two_v4_16_slices()
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1}, devices)  # dcn_data defaults to -1
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 8, 'tensor': 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  for data_index in range(2):  # each data-parallel replica is one whole slice
+    assert sorted(d.id for d in mesh.devices[data_index].flat) == list(range(8 * data_index, 8 * data_index + 8))
+
+
+def test_fsdp_can_span_slices_with_the_tensor_axis_inside_each():
+  devices = two_v4_16_slices()
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 4, 'tensor': 2, 'dcn_data': 1, 'dcn_fsdp': 2}, devices)
+  assert dict(mesh.shape) == {'data': 1, 'fsdp': 8, 'tensor': 2}
+  grid = mesh.devices[0]  # fsdp x tensor
+  assert [{d.slice_index for d in grid[j]} for j in range(8)] == [{0}] * 4 + [{1}] * 4
+  assert len({d.id for d in grid.flat}) == 16
+
+
+def test_gpu_hosts_are_slices_one_process_per_gpu():
+  """JAX gives each host's GPUs one slice number: 2 hosts x 8 GPUs, a process each, as SLURM starts them."""
+  devices = [FakeTpuChip(id=8 * host + gpu, slice_index=host, coords=(), process_index=8 * host + gpu,
+                         platform='gpu', device_kind='NVIDIA H100 80GB HBM3') for host in range(2) for gpu in range(8)]
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1}, devices)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 8, 'tensor': 1}
+  assert [sorted(d.process_index for d in mesh.devices[h].flat) for h in range(2)] == [
+      list(range(8)), list(range(8, 16))]
+
+
+@pytest.mark.parametrize('mesh,message', [
+    ({'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 1}, 'mesh (dcn_data=1, dcn_fsdp=1) needs 1 slices but 2 are available'),
+    ({'data': 1, 'fsdp': 16, 'tensor': 1}, 'mesh (data=1, fsdp=16, tensor=1) needs 16 devices but 8 are available in each slice'),
+    ({'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': -1, 'dcn_fsdp': 3}, 'does not divide the 2 slices'),
+])
+def test_meshes_that_do_not_fit_the_slices_are_clear_errors(mesh, message):
+  with pytest.raises(JaxgptError, match=re.escape(message)):
+    sharding.make_mesh(mesh, two_v4_16_slices())
+
+
+def test_mesh_shape_multiplies_the_shape_within_a_slice_by_the_slices():
+  assert sharding.slice_shapes({'data': 1, 'fsdp': -1, 'tensor': 2}, 64, num_slices=4) == ((1, 8, 2), (4, 1, 1))
+  assert sharding.mesh_shape({'data': 1, 'fsdp': -1, 'tensor': 2}, 64, num_slices=4) == (4, 8, 2)
+  assert sharding.mesh_shape({'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 2, 'dcn_fsdp': -1}, 64, 4) == (2, 32, 1)

@@ -4,7 +4,10 @@
 data settings and of the source files' sizes and modification times, so a
 second run reuses the tokenizer and dataset, and changed input rebuilds them.
 The directory is built under a temporary name and renamed when complete, so a
-crash never leaves a half-written cache that a later run would trust.
+crash never leaves a half-written cache that a later run would trust. A cache
+in a bucket (data.cache_dir=gs://...) is built in a local temporary directory,
+since ArrayRecord cannot write to a bucket, then uploaded with its report last:
+the report is what marks a cache complete.
 """
 
 import collections
@@ -13,12 +16,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 from jaxgpt.data import corpus, instructions, pipeline, sources
 from jaxgpt.data.report import SPLITS, Report, table
@@ -27,7 +32,7 @@ from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe, train_tokenize
 # Bump when the on-disk layout or tokenization changes, to invalidate old caches.
 _FORMAT_VERSION = 4  # 4: JSONL records split by id or content hash, not line number
 # Settings that change how data is read or where it is kept, not what it is.
-_SETTINGS_NOT_IN_DATA = ('cache_dir', 'shuffle', 'num_workers')
+_SETTINGS_NOT_IN_DATA = ('cache_dir', 'shuffle', 'num_workers', 'executor')
 _ENCODE_BATCH = 256
 TOKENIZER_FILE = 'tokenizer.model'
 REPORT_FILE = 'report.json'
@@ -67,7 +72,7 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
 
 @dataclasses.dataclass
 class PreparedData:
-  directory: str
+  directory: str  # a local path or a bucket URL
   tokenizer: Tokenizer
   report: dict
   reused: bool = False  # found in the cache rather than built now
@@ -78,11 +83,12 @@ class PreparedData:
 
   def chunks(self, split: str, chunk_len: int) -> pipeline.DocumentChunks:
     """The split as pieces of at most `chunk_len` tokens, the unit that training shuffles."""
-    lengths = np.load(os.path.join(self.directory, f'lengths-{split}.npy'))
+    with (paths.path(self.directory) / f'lengths-{split}.npy').open('rb') as f:
+      lengths = np.load(f)
     return pipeline.DocumentChunks(self.source(split), lengths, chunk_len)
 
   def _tfds_dir(self) -> str:
-    return os.path.join(self.directory, 'tfds', 'tokenized_text', str(TokenizedText.VERSION))
+    return str(paths.path(self.directory) / 'tfds' / 'tokenized_text' / str(TokenizedText.VERSION))
 
 
 def _fingerprint(data_cfg, source: sources.Source, tokenizer: Tokenizer | None) -> str:
@@ -90,10 +96,17 @@ def _fingerprint(data_cfg, source: sources.Source, tokenizer: Tokenizer | None) 
   settings = {k: v for k, v in data_cfg.to_dict().items() if k not in _SETTINGS_NOT_IN_DATA}
   if tokenizer is not None:
     settings['given_tokenizer'] = tokenizer.fingerprint
-  files = [os.path.expanduser(p) for p in (data_cfg.tokenizer.path, data_cfg.safety.blocked_words_file) if p]
-  stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files if os.path.exists(p)]
+  files = [paths.expand(p) for p in (data_cfg.tokenizer.path, data_cfg.safety.blocked_words_file) if p]
+  stats = [(p, stat.size, stat.mtime_ns) for p, stat in zip(files, map(_stat_or_none, files)) if stat]
   blob = json.dumps([_FORMAT_VERSION, source.root, settings, source.identity(), stats], sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _stat_or_none(file: str) -> paths.FileStat | None:
+  try:
+    return paths.stat(file)
+  except FileNotFoundError:  # reported by whatever reads it
+    return None
 
 
 def _tokenized(texts: Iterator[str], tokenizer: Tokenizer, counts: dict, masked: bool) -> Iterator[dict]:
@@ -125,16 +138,16 @@ def _make_tokenizer(data_cfg, directory: str, log) -> Tokenizer:
   return tokenizer
 
 
-def _load(directory: str, reused: bool) -> 'PreparedData':
-  with open(os.path.join(directory, REPORT_FILE)) as f:
-    report = json.load(f)
-  return PreparedData(directory, Tokenizer.load(os.path.join(directory, TOKENIZER_FILE)), report, reused)
+def _load(directory, reused: bool) -> 'PreparedData':
+  report = json.loads((directory / REPORT_FILE).read_text())
+  return PreparedData(str(directory), Tokenizer.load(directory / TOKENIZER_FILE), report, reused)
 
 
 def check_settings(data_cfg) -> None:
   """The data fields' own constraints (config.validate checks those that span sections)."""
   problems = []
   for field, value, allowed in (
+      ('executor', data_cfg.executor, ('local', 'beam')),
       ('tokenizer.kind', data_cfg.tokenizer.kind, ('sentencepiece', 'byte_bpe')),
       ('tokenizer.model_type', data_cfg.tokenizer.model_type, ('bpe', 'unigram')),
       ('clean.unicode_form', data_cfg.clean.unicode_form, ('NFC', 'NFKC', '')),
@@ -156,46 +169,55 @@ def check_settings(data_cfg) -> None:
     raise JaxgptError('invalid data config: ' + '; '.join(problems) + '.')
 
 
-def prepare(data_cfg, log=print, tokenizer: Tokenizer | None = None) -> PreparedData:
+def prepare(data_cfg, log=print, tokenizer: Tokenizer | None = None, pipeline_args=()) -> PreparedData:
   """Returns the cached tokenizer and dataset for `data_cfg`, building them if needed.
 
   Building: clean, deduplicate and split the source (corpus.py), train or load
   the tokenizer (or use `tokenizer`, a base model's, over data.tokenizer),
-  tokenize into TFDS array_record, and write the report.
+  tokenize into TFDS array_record, and write the report. With data.executor='beam' the cleaning runs as an
+  Apache Beam pipeline (beam_pipeline.py) with `pipeline_args` (--runner=..., ...).
   """
   check_settings(data_cfg)
   source = sources.open_source(data_cfg)
-  cache_root = os.path.expanduser(data_cfg.cache_dir)
-  directory = os.path.join(cache_root, f'{data_cfg.source}-{_fingerprint(data_cfg, source, tokenizer)}')
-  if os.path.isfile(os.path.join(directory, REPORT_FILE)):
+  cache_root = paths.path(data_cfg.cache_dir)
+  directory = cache_root / f'{data_cfg.source}-{_fingerprint(data_cfg, source, tokenizer)}'
+  if (directory / REPORT_FILE).exists():
     log(f'data: reusing {directory}')
     return _load(directory, reused=True)
 
   start = time.time()
   tfds.disable_progress_bar()  # our own log lines say what happens; TFDS's bars flood the console
   log(f'data: preparing {source.root} ({data_cfg.source})')
-  try:
-    os.makedirs(cache_root, exist_ok=True)
-  except OSError as e:
-    raise JaxgptError(f'cannot create data.cache_dir={cache_root!r} ({e}). Choose a writable directory.') from None
-  building = f'{directory}.building-{os.getpid()}'
-  shutil.rmtree(building, ignore_errors=True)
-  os.makedirs(building)
-  try:
-    report = _build(source, data_cfg, building, log, tokenizer)
-  except BaseException:
+  paths.check_writable(cache_root, 'data.cache_dir')
+  if paths.is_remote(directory):
+    with tempfile.TemporaryDirectory(prefix='jaxgpt-data-') as building:
+      report = _build(source, data_cfg, building, log, tokenizer, pipeline_args)
+      log(f'data: uploading to {directory}')
+      directory.rmtree(missing_ok=True)  # what an upload killed midway left
+      paths.upload_tree(building, directory, last=REPORT_FILE)
+  else:
+    building = f'{directory}.building-{os.getpid()}'
     shutil.rmtree(building, ignore_errors=True)
-    raise
-  shutil.rmtree(directory, ignore_errors=True)
-  os.rename(building, directory)
+    os.makedirs(building)
+    try:
+      report = _build(source, data_cfg, building, log, tokenizer, pipeline_args)
+    except BaseException:
+      shutil.rmtree(building, ignore_errors=True)
+      raise
+    shutil.rmtree(directory, ignore_errors=True)
+    os.rename(building, directory)
   log(table(report))
   log(f'data: ready in {time.time() - start:.1f}s at {directory}')
   return _load(directory, reused=False)
 
 
-def _build(source: sources.Source, data_cfg, building: str, log, tokenizer: Tokenizer | None) -> dict:
+def _build(source: sources.Source, data_cfg, building: str, log, tokenizer: Tokenizer | None, pipeline_args) -> dict:
   report = Report()
-  corpus.clean_corpus(source, data_cfg, building, report)
+  if data_cfg.executor == 'beam':
+    from jaxgpt.data import beam_pipeline  # the optional 'beam' extra
+    beam_pipeline.clean_corpus(source, data_cfg, building, report, pipeline_args)
+  else:
+    corpus.clean_corpus(source, data_cfg, building, report)
   tokenizer = tokenizer or _make_tokenizer(data_cfg, building, log)
   tokenizer.save(os.path.join(building, TOKENIZER_FILE))
 

@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import hashlib
 import re
+import time
 import unicodedata
 
 import ftfy
@@ -150,9 +151,17 @@ class Cleaner:
     self.clean = data_cfg.clean
     checks_profanity = data_cfg.safety.profanity != 'off'
     self.checker = safety.SafetyChecker(data_cfg.safety) if checks_profanity else None
+    self._seconds = collections.Counter()
+
+  def stage_seconds(self) -> dict[str, float]:
+    """Seconds spent in each step so far, over every record cleaned (tools/bench_data.py)."""
+    checks = {f'safety: {signal}': s for signal, s in self.checker.seconds.items()} if self.checker else {}
+    return {**self._seconds, **checks}
 
   def __call__(self, record: sources.Record) -> Outcome:
+    lap = _Laps(self._seconds)
     extracted = sources.extract_text(record, self.cfg)
+    lap('read and extract')
     if extracted.text is None:
       return Outcome(record, dropped=extracted.reason, detail=extracted.detail)
     outcome = Outcome(record)
@@ -160,12 +169,15 @@ class Cleaner:
       outcome.changes.append(('invalid UTF-8 repaired', extracted.detail))
     text, steps = normalize(extracted.text, self.clean)
     outcome.changes += [(step, '') for step in steps]
+    lap('normalize')
     problem = quality_problem(text, self.clean)
+    lap('quality filters')
     if problem:
       outcome.dropped, outcome.detail = problem
       return outcome
     if self.checker is not None:
       flags = self.checker.check(text)
+      lap(None)  # the checker times its own signals
       if flags.profane:
         detail = flags.reason()
         if self.cfg.safety.profanity == 'drop':
@@ -175,9 +187,25 @@ class Cleaner:
     if self.cfg.safety.scrub_pii:
       text, found = safety.scrub_pii(text)
       outcome.changes += [(f'PII scrubbed: {kind}', f'{n} replaced') for kind, n in sorted(found.items())]
+      lap('safety: PII')
     outcome.text = text
     if self.clean.exact_dedup:
       outcome.exact_key = exact_key(text)
+      lap('exact hash')
     if self.clean.near_dedup:
       outcome.signature = minhash(text, self.clean.shingle_size, self.clean.num_perm)
+      lap('MinHash')
     return outcome
+
+
+class _Laps:
+  """Adds the time since the previous call to `seconds[step]` (None: to no step)."""
+
+  def __init__(self, seconds: collections.Counter):
+    self._seconds, self._last = seconds, time.perf_counter()
+
+  def __call__(self, step: str | None) -> None:
+    now = time.perf_counter()
+    if step:
+      self._seconds[step] += now - self._last
+    self._last = now

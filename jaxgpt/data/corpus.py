@@ -2,18 +2,23 @@
 
 Records stream from the source through `Cleaner` in worker processes (in
 order, a bounded number in flight, so memory does not grow with the corpus),
-then through deduplication here, then to the train or validation file by a
-hash of their key. The cleaned files are what the tokenizer is trained on and
-what the TFDS builder tokenizes; they also let a user read exactly what the
-model will see.
+then through exact deduplication; what survives goes to a file on disk while
+its MinHash signature stays for the near-duplicate search (dedup.py), which is
+resolved once every document is in. `write_kept` then streams the survivors
+back, in source order, to the train or validation file by a hash of their key.
+The Beam executor (beam_pipeline.py) ends with the same `write_kept`. The
+cleaned files are what the tokenizer is trained on and what the TFDS builder
+tokenizes; they also let a user read exactly what the model will see.
 """
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import time
 from collections.abc import Iterable, Iterator
 
@@ -30,6 +35,8 @@ from jaxgpt.data.report import SPLITS, Report
 # keep workers busy, few enough that a corpus of huge documents stays in memory bounds.
 _RECORDS_PER_TASK = 32
 _TASKS_IN_FLIGHT_PER_WORKER = 4
+# Exact dedup's survivors, in source order, while the near-duplicate groups are not known yet.
+_SURVIVORS_FILE = 'survivors.pickle'
 
 _worker_cleaner = None
 
@@ -112,51 +119,92 @@ class _SplitWriter:
       f.close()
 
 
+@dataclasses.dataclass
+class Survivor:
+  """A document exact dedup kept; `near_original` names its near-duplicate group's kept document, unless it is it."""
+  order: int  # its position in the source's stream
+  key: str
+  where: str
+  text: str
+  changes: list  # (step, detail)
+  flags: list  # (flag, detail)
+  near_original: str | None = None
+
+  @classmethod
+  def of(cls, order: int, outcome: Outcome) -> 'Survivor':
+    record = outcome.record
+    return cls(order, record.key, record.where, outcome.text, outcome.changes, outcome.flags)
+
+
 def clean_corpus(source: sources.Source, data_cfg, directory: str, report: Report) -> None:
   """Cleans, deduplicates and splits `source` into `directory`, counting everything in `report`."""
   workers = data_cfg.num_workers or os.cpu_count()
   dedup = Deduplicator(data_cfg.clean)
-  writer = _SplitWriter(directory)
+  survivors = os.path.join(directory, _SURVIVORS_FILE)
   start = time.time()
   # disable=None: a bar on a terminal, nothing in logs and tests.
   bar = tqdm(total=source.total_bytes(), unit='B', unit_scale=True, desc='cleaning', disable=None,
              dynamic_ncols=True)
   try:
-    with _cleaned(source.records(), data_cfg, workers) as outcomes:
-      for outcome in outcomes:
-        _account(outcome, dedup, writer, report, data_cfg.val_fraction)
+    with _cleaned(source.records(), data_cfg, workers) as outcomes, open(survivors, 'wb') as spill:
+      for order, outcome in enumerate(outcomes):
+        _account(order, outcome, dedup, spill, report)
         bar.update(outcome.record.size)
         if report.read['documents'] % 256 == 0:
           bar.set_postfix_str(f'{report.read["documents"] / (time.time() - start):,.0f} docs/s', refresh=False)
-    writer.ensure_validation()
   finally:
     bar.close()
-    writer.close()
+  near_originals = dedup.near_originals()
+  write_kept(_read_survivors(survivors, near_originals), data_cfg, directory, report, source.root)
+  os.remove(survivors)
   seconds = max(time.time() - start, 1e-9)
   report.speed.update(workers=workers, clean_seconds=round(seconds, 3),
                       docs_per_s=report.read['documents'] / seconds, mb_per_s=report.read['bytes'] / 1e6 / seconds)
-  if writer.counts.total() < 2:
-    raise JaxgptError(
-        f'no usable text in {source.root}: {writer.counts.total()} of {report.read["documents"]} documents '
-        f'survived cleaning; need at least 2, one held out for validation. Dropped: {report.dropped.summary()}. '
-        'Check data.path, data.glob, data.text_field, the encoding and the data.clean thresholds.')
 
 
-def _account(outcome: Outcome, dedup: Deduplicator, writer: _SplitWriter, report: Report,
-             val_fraction: float) -> None:
+def _account(order: int, outcome: Outcome, dedup: Deduplicator, spill, report: Report) -> None:
   record = outcome.record
   report.read.update(documents=1, bytes=record.size)
   if not outcome.dropped:
-    duplicate = dedup.duplicate_of(outcome)
-    if duplicate:
-      outcome.dropped, outcome.detail = duplicate[0], f'of {duplicate[1]}'
+    original = dedup.exact_original(order, outcome)
+    if original:
+      outcome.dropped, outcome.detail = 'exact duplicate', f'of {original}'
   if outcome.dropped:
     report.dropped.add(outcome.dropped, record.where, outcome.detail)
-    return
-  for step, detail in outcome.changes:
-    report.changed.add(step, record.where, detail)
-  for flag, detail in outcome.flags:
-    report.flagged.add(flag, record.where, detail)
-  report.kept.update(documents=1, bytes=len(outcome.text.encode('utf-8')))
-  split = 'validation' if sources.in_validation(record.key, val_fraction) else 'train'
-  writer.write(split, record.key, outcome.text)
+  else:
+    pickle.dump(Survivor.of(order, outcome), spill)
+
+
+def _read_survivors(file: str, near_originals: dict[int, str]) -> Iterator[Survivor]:
+  with open(file, 'rb') as f:
+    while True:
+      try:
+        survivor = pickle.load(f)
+      except EOFError:
+        return
+      survivor.near_original = near_originals.get(survivor.order)
+      yield survivor
+
+
+def write_kept(survivors: Iterable[Survivor], data_cfg, directory: str, report: Report, root: str) -> None:
+  """Writes the survivors (in source order) that are no near duplicate to their split files, counting each."""
+  writer = _SplitWriter(directory)
+  try:
+    for s in survivors:
+      if s.near_original:
+        report.dropped.add('near duplicate', s.where, f'of {s.near_original}')
+        continue
+      for step, detail in s.changes:
+        report.changed.add(step, s.where, detail)
+      for flag, detail in s.flags:
+        report.flagged.add(flag, s.where, detail)
+      report.kept.update(documents=1, bytes=len(s.text.encode('utf-8')))
+      writer.write('validation' if sources.in_validation(s.key, data_cfg.val_fraction) else 'train', s.key, s.text)
+    writer.ensure_validation()
+  finally:
+    writer.close()
+  if writer.counts.total() < 2:
+    raise JaxgptError(
+        f'no usable text in {root}: {writer.counts.total()} of {report.read["documents"]} documents '
+        f'survived cleaning; need at least 2, one held out for validation. Dropped: {report.dropped.summary()}. '
+        'Check data.path, data.glob, data.text_field, the encoding and the data.clean thresholds.')

@@ -14,13 +14,12 @@ between the splits. No document ever lands in both.
 
 import dataclasses
 import fnmatch
-import glob
 import hashlib
 import json
-import os
 import sysconfig
 from collections.abc import Iterator
 
+from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 from jaxgpt.data.instructions import render, string_field
 
@@ -32,7 +31,7 @@ class Record:
   key: str  # stable identity: decides the split
   where: str  # what reports name: a path, path:line or dataset[index]
   size: int  # raw bytes, for progress and the report
-  payload: bytes | str  # a file's path (read by the worker), or the raw bytes
+  payload: bytes | str  # a file's path or URL (read by the worker), or the raw bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +64,7 @@ class Source:
 def root(data_cfg) -> str:
   if data_cfg.source == 'stdlib':
     return sysconfig.get_paths()['stdlib']
-  return os.path.expanduser(data_cfg.path)
+  return paths.expand(data_cfg.path)
 
 
 def _patterns(value: str) -> list[str]:
@@ -73,60 +72,60 @@ def _patterns(value: str) -> list[str]:
 
 
 class FileTree(Source):
-  """Every file under `root` matching an include glob and no exclude glob, in sorted order."""
+  """Every file under `root` (a local directory or a bucket's) matching an include glob and no exclude glob,
+  in sorted order."""
 
   def __init__(self, data_cfg):
     super().__init__(data_cfg)
-    if not os.path.isdir(self.root):
+    if not paths.path(self.root).is_dir():
       raise JaxgptError(f'data.path={self.root!r} is not a directory. Point it at a directory of text files.')
     stdlib = data_cfg.source == 'stdlib'
     include = ['**/*.py'] if stdlib else _patterns(data_cfg.glob)
     exclude = _patterns(data_cfg.exclude) + (['site-packages/**'] if stdlib else [])
-    keys = set()
+    files = {}
     for pattern in include:
-      for path in glob.glob(os.path.join(self.root, pattern), recursive=True):
-        key = os.path.relpath(path, self.root)
-        if os.path.isfile(path) and not any(fnmatch.fnmatch(key, x) for x in exclude):
-          keys.add(key)
-    self.keys = sorted(keys)[:data_cfg.max_docs or None]
+      files.update((key, stat) for key, stat in paths.glob_files(self.root, pattern).items()
+                   if not any(fnmatch.fnmatch(key, x) for x in exclude))
+    self.keys = sorted(files)[:data_cfg.max_docs or None]
     if not self.keys:
       raise JaxgptError(f'no usable text: no files matching {data_cfg.glob!r} (excluding '
                         f'{data_cfg.exclude!r}) under {self.root}. Check data.path, data.glob and data.exclude.')
-    self._stats = [os.stat(os.path.join(self.root, k)) for k in self.keys]
+    self._stats = [files[k] for k in self.keys]
 
   def records(self) -> Iterator[Record]:
     for key, stat in zip(self.keys, self._stats):
-      path = os.path.join(self.root, key)
-      yield Record(key, path, stat.st_size, path)
+      path = f'{self.root.rstrip("/")}/{key}'
+      yield Record(key, path, stat.size, path)
 
   def total_bytes(self) -> int:
-    return sum(s.st_size for s in self._stats)
+    return sum(s.size for s in self._stats)
 
   def identity(self) -> list:
-    return [(k, s.st_size, s.st_mtime_ns) for k, s in zip(self.keys, self._stats)]
+    return [(k, s.size, s.mtime_ns) for k, s in zip(self.keys, self._stats)]
 
 
 class JsonLines(Source):
-  """One document per line of a JSONL file, keyed by content (`jsonl_key`); reports name path:line."""
+  """One document per line of a JSONL file (local or in a bucket), keyed by content (`jsonl_key`); reports name
+  path:line."""
 
   def __init__(self, data_cfg):
     super().__init__(data_cfg)
-    if not os.path.isfile(self.root):
+    if not paths.path(self.root).is_file():
       raise JaxgptError(f'data.path={self.root!r} is not a file. Point it at a .jsonl file.')
+    self._stat = paths.stat(self.root)
 
   def records(self) -> Iterator[Record]:
-    with open(self.root, 'rb') as f:
+    with paths.path(self.root).open('rb') as f:
       for number, line in enumerate(f, start=1):
         if self.cfg.max_docs and number > self.cfg.max_docs:
           return
         yield Record(jsonl_key(line, self.cfg.id_field), f'{self.root}:{number}', len(line), line)
 
   def total_bytes(self) -> int:
-    return os.path.getsize(self.root)
+    return self._stat.size
 
   def identity(self) -> list:
-    stat = os.stat(self.root)
-    return [(self.root, stat.st_size, stat.st_mtime_ns)]
+    return [(self.root, self._stat.size, self._stat.mtime_ns)]
 
 
 class TfdsDataset(Source):
@@ -228,9 +227,8 @@ def _from_json_line(line: str, data_cfg) -> Extracted:
 def extract_text(record: Record, data_cfg) -> Extracted:
   """The record's text, decoded and (for JSONL) validated, or why it is unusable."""
   raw = record.payload
-  if isinstance(raw, str):  # a file path
-    with open(raw, 'rb') as f:
-      raw = f.read()
+  if isinstance(raw, str):  # a file's path or URL
+    raw = paths.path(raw).read_bytes()
   decoded = _decode(raw, record.where, data_cfg.on_bad_utf8)
   if decoded.text is None or data_cfg.source != 'jsonl':
     return decoded

@@ -20,7 +20,6 @@ text); `load` tells the kinds apart by content, so a run directory keeps one
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator
 
@@ -28,6 +27,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 
 BOS_ID, EOS_ID = 1, 2
@@ -56,16 +56,14 @@ class Tokenizer:
     return SentencePieceTokenizer(serialized)
 
   @staticmethod
-  def load(path: str) -> 'Tokenizer':
+  def load(path) -> 'Tokenizer':
     try:
-      with open(path, 'rb') as f:
-        return Tokenizer.from_bytes(f.read())
+      return Tokenizer.from_bytes(paths.path(path).read_bytes())
     except Exception as e:  # OSError, or whatever the library raises for a malformed model
       raise JaxgptError(f'cannot load the tokenizer at {path}: {e}') from None
 
-  def save(self, path: str) -> None:
-    with open(path, 'wb') as f:
-      f.write(self.serialized)
+  def save(self, path) -> None:
+    paths.path(path).write_bytes(self.serialized)
 
   vocab_size: int
   bos_id: int
@@ -150,15 +148,16 @@ class ByteLevelBPETokenizer(Tokenizer):
 
 def load_byte_level_bpe(path: str, eos_token: str) -> ByteLevelBPETokenizer:
   """A GPT-2 style tokenizer from a tokenizer.json file, or a directory with vocab.json + merges.txt."""
-  path = os.path.expanduser(path)
+  path = paths.expand(path)
+  location = paths.path(path)
   try:
-    if os.path.isdir(path):
-      vocab, merges = os.path.join(path, 'vocab.json'), os.path.join(path, 'merges.txt')
-      tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab, merges))
+    if location.is_dir():  # (BPE reads local files only: a bucket's are copied first)
+      with paths.local_copy(location / 'vocab.json') as vocab, paths.local_copy(location / 'merges.txt') as merges:
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab, merges))
       tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
       tok.decoder = tokenizers.decoders.ByteLevel()
     else:
-      tok = tokenizers.Tokenizer.from_file(path)
+      tok = tokenizers.Tokenizer.from_str(location.read_text())
   except Exception as e:  # tokenizers raises plain Exceptions for missing or malformed files
     raise JaxgptError(f'cannot load a byte-level BPE tokenizer from data.tokenizer.path={path!r} ({e}). '
                       'Point it at a tokenizer.json, or a directory with vocab.json and merges.txt.') from None
