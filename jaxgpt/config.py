@@ -57,8 +57,13 @@ def base_config() -> ConfigDict:
   c.data.num_workers = 0  # processes that clean documents; 0 = one per core, 1 = none (in this process)
   # 'local' (num_workers processes here) or 'beam' (an Apache Beam pipeline; same result; docs/data.md).
   c.data.executor = 'local'
+  c.data.beam_args = ''  # executor='beam': pipeline options, e.g. '--runner=DirectRunner --direct_num_workers=2'
   c.data.cache_dir = '~/.cache/jaxgpt'  # tokenizer and TFDS dataset, reused across runs
   c.data.shuffle = True
+  # Several sources in one run (docs/data.md, Mixtures): {name: {'weight': w, field: value, ...}}, each entry
+  # overriding data.* fields for its source; weights are normalised into each source's share of the tokens
+  # trained on. Empty: the one source above.
+  c.data.mixture = ml_collections.ConfigDict()
 
   c.data.tokenizer = ml_collections.ConfigDict()
   c.data.tokenizer.kind = 'sentencepiece'  # 'sentencepiece' (trained here) or 'byte_bpe' (GPT-2 style, loaded)
@@ -287,6 +292,48 @@ def require_config(config: ConfigDict | None) -> ConfigDict:
   return config
 
 
+# One for the whole mixture: a source's entry cannot override them.
+_MIXTURE_SHARED = ('mixture', 'tokenizer', 'vocab_size', 'cache_dir', 'shuffle')
+
+
+def mixture_parts(data_cfg: ConfigDict) -> dict[str, tuple[float, ConfigDict]]:
+  """data.mixture as {name: (weight, that source's data config)}: data.* with the entry's fields over it."""
+  parts = {}
+  for name, entry in data_cfg.mixture.items():
+    where = f'data.mixture.{name}'
+    if not isinstance(entry, ConfigDict):
+      raise JaxgptError(f"{where} must be a dict of data fields with a 'weight', e.g. {{'weight': 0.7, "
+                        "'source': 'jsonl', 'path': 'web.jsonl'}.")
+    overrides = entry.to_dict()
+    weight = overrides.pop('weight', None)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float('inf'):
+      raise JaxgptError(f'{where}.weight={weight!r} must be a positive number: the share of the tokens '
+                        'trained on that comes from this source (weights are normalised to sum to 1).')
+    shared = sorted(set(overrides) & set(_MIXTURE_SHARED))
+    if shared:
+      raise JaxgptError(f'{where} sets {", ".join(shared)}, which one mixture shares (one tokenizer, one cache, '
+                        f'one shuffle): set data.{shared[0]} instead.')
+    part = ConfigDict(data_cfg.to_dict())
+    part.mixture = ConfigDict()
+    _override(part, overrides, where)
+    parts[name] = (float(weight), part)
+  return parts
+
+
+def _override(node: ConfigDict, overrides: dict, where: str) -> None:
+  for key, value in overrides.items():
+    if key not in node:
+      raise JaxgptError(f'{where}.{key} is not a data field: a mixture entry overrides fields of config.data '
+                        '(jaxgpt/config.py:base_config) and sets its weight.')
+    if isinstance(node[key], ConfigDict) and isinstance(value, dict):
+      _override(node[key], value, f'{where}.{key}')
+    else:
+      try:
+        node[key] = value
+      except TypeError as e:
+        raise JaxgptError(f'{where}.{key}={value!r}: {e}.') from None
+
+
 def validate(config: ConfigDict) -> None:
   """Checks the relations between fields that no single field type can express."""
   m, t, d, o = config.model, config.train, config.data, config.optim
@@ -304,14 +351,17 @@ def validate(config: ConfigDict) -> None:
     problems.append(f'seq_len={config.seq_len} exceeds model.max_len={m.max_len}; raise model.max_len or lower seq_len')
   if config.batch_size % o.grad_accum_steps:
     problems.append(f'batch_size={config.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}')
-  if d.source not in ('stdlib', 'dir', 'jsonl', 'tfds'):
-    problems.append(f"data.source={d.source!r} is not one of 'stdlib', 'dir', 'jsonl', 'tfds'")
-  if d.source in ('dir', 'jsonl') and not d.path:
-    problems.append(f'data.source={d.source!r} needs data.path (a directory or a .jsonl file)')
-  if d.on_bad_utf8 not in ('skip', 'repair', 'error'):
-    problems.append(f"data.on_bad_utf8={d.on_bad_utf8!r} is not 'skip', 'repair' or 'error'")
-  if not 0 < d.val_fraction < 1:
-    problems.append(f'data.val_fraction={d.val_fraction} must be between 0 and 1')
+  # A mixture reads its sources' settings: data.* with each entry's fields over them.
+  sources = [(f'data.mixture.{name}.', part) for name, (_, part) in mixture_parts(d).items()] or [('data.', d)]
+  for p, source in sources:
+    if source.source not in ('stdlib', 'dir', 'jsonl', 'tfds'):
+      problems.append(f"{p}source={source.source!r} is not one of 'stdlib', 'dir', 'jsonl', 'tfds'")
+    if source.source in ('dir', 'jsonl') and not source.path:
+      problems.append(f'{p}source={source.source!r} needs {p}path (a directory or a .jsonl file)')
+    if source.on_bad_utf8 not in ('skip', 'repair', 'error'):
+      problems.append(f"{p}on_bad_utf8={source.on_bad_utf8!r} is not 'skip', 'repair' or 'error'")
+    if not 0 < source.val_fraction < 1:
+      problems.append(f'{p}val_fraction={source.val_fraction} must be between 0 and 1')
   for field, allowed in (('remat', ('none', 'full', 'dots', 'offload')), ('position', ('learned', 'rope')),
                          ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
                          ('attention', ('auto', 'xla', 'cudnn', 'splash')),

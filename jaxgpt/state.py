@@ -6,7 +6,6 @@ a model that was meant to be split.
 """
 
 import json
-import os
 
 import flax.linen as nn
 import flax.struct
@@ -72,7 +71,6 @@ def checkpoint_meta(config, tokenizer: Tokenizer) -> dict:
 
 def save_initial_run(config, tokenizer: Tokenizer, params, workdir: str) -> None:
   """A run directory whose step-0 checkpoint holds `params` (stacked layers) and a fresh optimizer."""
-  os.makedirs(workdir, exist_ok=True)
   write_run_files(workdir, config, tokenizer)
   params = hf.params_in_layout(jax.tree.map(jnp.asarray, params), config.model.scan_layers)
   tx = make_optimizer(config.optim, config.train.num_steps)

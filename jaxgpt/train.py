@@ -22,9 +22,10 @@ from jax.experimental import multihost_utils
 from jaxgpt import hf, inference, lora, paths, run_dir, run_lock, sharding, state as state_lib
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
-from jaxgpt.data import builder, pipeline
+from jaxgpt.data import builder, mixture, pipeline
 from jaxgpt.evaluation import eval_sums, generation_metrics, held_out_metrics, loss_scope, read_references
-from jaxgpt.metrics import MetricWriter, StepMetrics, TrainingClock, format_duration, peak_flops_per_device
+from jaxgpt.metrics import (MetricWriter, StepMetrics, TrainingClock, format_duration, model_flops_utilization,
+                            peak_flops_per_device)
 from jaxgpt.model import GPT, build_model, flops_per_token, loss_sums, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.preemption import StopSignals
@@ -142,7 +143,7 @@ class Run:
   writer: MetricWriter
   mesh: jax.sharding.Mesh
   rules: tuple
-  data: builder.PreparedData
+  data: builder.PreparedData | mixture.PreparedMixture
   model: GPT
   checkpointer: Checkpointer
   lock: run_lock.RunLock  # this workdir is ours until `train` returns
@@ -325,6 +326,8 @@ def _train_from(run: Run, state, start: int) -> dict:
                f'{tokens_per_step / results["seconds_per_step"]:,.0f} tokens/s; validation and checkpoints '
                'not counted')
   results.update(step=max(start, steps), train_seconds=first_step_seconds + train_seconds)
+  for name, shares in _token_shares(run).items():  # a mixture: beside each source's validation figures
+    results['mixture'][name].update(shares)
   if jax.process_index() == 0:
     (paths.path(run.workdir) / RESULTS_FILE).write_text(json.dumps(results, indent=2))
   _print_samples(run.model, run.model_params(state), run.data.tokenizer, config, writer)
@@ -334,7 +337,7 @@ def _train_from(run: Run, state, start: int) -> dict:
 
 def _log_progress(run: Run, step: int, host_metrics: list[dict], step_seconds: float) -> None:
   tokens_per_sec = run.config.batch_size * run.config.seq_len / step_seconds
-  mfu = run.model_flops * tokens_per_sec / (run.peak_flops * jax.device_count())
+  mfu = model_flops_utilization(run.model_flops, tokens_per_sec, run.peak_flops, jax.device_count())
   loss = float(np.mean([m['loss'] for m in host_metrics]))
   last, steps = host_metrics[-1], run.config.train.num_steps
   run.writer.log(f'step {step}/{steps} | loss {loss:.3f} | lr {last["learning_rate"]:.2e} | '
@@ -343,11 +346,29 @@ def _log_progress(run: Run, step: int, host_metrics: list[dict], step_seconds: f
   run.writer.scalars(step, {'train/loss': loss, 'train/learning_rate': float(last['learning_rate']),
                             'train/grad_norm': float(last['grad_norm']),
                             'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu})
+  shares = _token_shares(run)
+  if shares:
+    run.writer.log(f'step {step}: {mixture.shares_line(shares)}')
+    run.writer.scalars(step, {f'data/share_{name}': s['share'] for name, s in shares.items()})
+
+
+def _token_shares(run: Run) -> dict:
+  """A mixture's sources' shares of the tokens trained on so far; {} for one source."""
+  batches = run.train_batches
+  if not batches.source_names:
+    return {}
+  return mixture.token_shares(batches.source_tokens, run.data.weights, jax.process_count())
 
 
 def _validate(run: Run, state, step: int, whole_split: bool) -> dict:
   params = run.model_params(state)
   results = held_out_metrics(run.eval_step, params, run.data, run.config, run.mesh, whole_split)
+  if isinstance(run.data, mixture.PreparedMixture):  # each source's held-out figures beside the mixture's
+    results['mixture'] = {name: {'validation': held_out_metrics(run.eval_step, params, part, run.config, run.mesh,
+                                                                whole_split)}
+                          for name, part in run.data.parts.items()}
+    run.writer.log(f'step {step}: validation loss by source: ' + ' | '.join(
+        f'{name} {entry["validation"]["loss"]:.3f}' for name, entry in results['mixture'].items()))
   if run.references:
     _log_generation_metrics(run.writer, step, run.model, params, run.data.tokenizer, run.references,
                             run.config.eval)

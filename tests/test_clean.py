@@ -110,19 +110,18 @@ def _outcome(where, text, clean_cfg):
                        signature=clean.minhash(text, clean_cfg.shingle_size, clean_cfg.num_perm))
 
 
-def test_the_first_document_seen_is_the_original_even_when_its_name_sorts_later():
+def test_each_group_of_near_duplicates_keeps_its_earliest_document_even_when_its_name_sorts_later():
   cfg = _clean_config(shingle_size=2, near_dedup_threshold=0.5)
   p, q, r = (_words('argparse.py', 600 * i, 600) for i in range(3))
-  # Line 9 is read before line 10 but sorts after it. They share a third of their shingles: both are kept.
-  first, second = _outcome('corpus.jsonl:9', f'{p} {q}', cfg), _outcome('corpus.jsonl:10', f'{q} {r}', cfg)
+  # Line 9 is read before line 10 but sorts after it. They share a third of their shingles: not alike.
+  docs = [('corpus.jsonl:9', f'{p} {q}'), ('corpus.jsonl:10', f'{q} {r}'),
+          ('corpus.jsonl:11', f'{p} {q} {r}'),  # two thirds of it is each of them: links them into one group
+          ('corpus.jsonl:12', f'{p} {q} {r}'), ('corpus.jsonl:13', f'{q}  {r}\n')]  # exact copies of 11 and 10
   dedup = Deduplicator(cfg)
-  assert dedup.duplicate_of(first) is None and dedup.duplicate_of(second) is None
-  both = _outcome('corpus.jsonl:11', f'{p} {q} {r}', cfg)  # two thirds of it is each of them
-  assert len(dedup._lsh.query(both.signature)) == 2  # so naming the smallest name would name line 10
-  assert dedup.duplicate_of(both) == ('near duplicate', 'corpus.jsonl:9')
-  # Only kept documents are originals: a copy of a dropped document is named after what it copies.
-  assert dedup.duplicate_of(_outcome('corpus.jsonl:12', f'{p} {q} {r}', cfg)) == ('near duplicate', 'corpus.jsonl:9')
-  assert dedup.duplicate_of(_outcome('corpus.jsonl:13', f'{q}  {r}\n', cfg)) == ('exact duplicate', 'corpus.jsonl:10')
+  exact = [dedup.exact_original(order, _outcome(where, text, cfg)) for order, (where, text) in enumerate(docs)]
+  assert exact == [None, None, None, 'corpus.jsonl:11', 'corpus.jsonl:10']
+  # First-seen LSH kept line 10 (it came before 11 linked it to 9); the group rule drops it, named after line 9.
+  assert dedup.near_originals() == {1: 'corpus.jsonl:9', 2: 'corpus.jsonl:9'}
 
 
 def test_default_near_dedup_catches_3_percent_edits_of_a_long_document_and_not_distinct_ones():
@@ -133,15 +132,20 @@ def test_default_near_dedup_catches_3_percent_edits_of_a_long_document_and_not_d
                'email/message.py': _words('email/message.py', 0, 2000),
                'email/feedparser.py': _words('email/feedparser.py')}
   dedup = Deduplicator(cfg)
-  for where, text in originals.items():
+  for order, (where, text) in enumerate(originals.items()):
     assert len(text.split()) >= 1000
-    assert dedup.duplicate_of(_outcome(where, text, cfg)) is None, where
+    assert dedup.exact_original(order, _outcome(where, text, cfg)) is None, where
+  assert dedup.near_originals() == {}
   rng = random.Random(0)
   vocabulary = ' '.join(originals.values()).split()
+  expected = {}
   for where, text in originals.items():
     for copy in range(3):
       edited = edit_words(text, 0.03, vocabulary, rng)  # substitutions, insertions and deletions at random
-      assert dedup.duplicate_of(_outcome(f'{where} copy {copy}', edited, cfg)) == ('near duplicate', where)
+      order = len(originals) + len(expected)
+      assert dedup.exact_original(order, _outcome(f'{where} copy {copy}', edited, cfg)) is None
+      expected[order] = where
+  assert dedup.near_originals() == expected
 
 
 def test_near_dup_recall_tool_measures_a_tiny_grid():

@@ -270,6 +270,7 @@ FIGURES = {
     'python tools/plan.py': r'total\s+(\S+)',
     'python tools/bench.py': r'(\S+)%',
     'python tools/bench_sample.py': r'with KV cache: (\S+) tokens/s',
+    'python tools/bench_data.py': r'^slowest stage in one process, \w+: .* \((\S+) MB/s\)$',
     'python tools/sweep.py': r'"bits_per_byte": ([^,}]+)',
     'python tools/near_dup_recall.py': r'^\| \d+ \| \d+ \| [\d.]+ \| (\S+)%',
     'curl': r'"completion_tokens":\s*(\S+?)[,}]',
@@ -1045,6 +1046,7 @@ TABLE = {
                    '--minutes', '0.001'),
             expect=_sweep_rows),
         'python tools/bench_sample.py': Run('--new_tokens 8 --max_len 64 --rounds 1'),
+        'python tools/bench_data.py': Run('--small'),
     },
     'docs/sharding.md': {
         "c.mesh.rules = (('vocab', None), ('act_vocab', None))": Snippet(

@@ -27,8 +27,8 @@ import pytest
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
 from conftest import REPO, TINY_OVERRIDES, override_args
-from jaxgpt import checkpoint, inference, run_dir, run_lock, sharding
-from jaxgpt.model import build_model, state as state_lib
+from jaxgpt import checkpoint, inference, run_dir, run_lock, sharding, state as state_lib
+from jaxgpt.model import build_model
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError
 from jaxgpt.data import builder, pipeline

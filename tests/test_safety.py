@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from conftest import REPO
 from jaxgpt.config import JaxgptError, base_config
-from jaxgpt.safety import SafetyChecker, scrub_pii
+from jaxgpt.safety import ProfanityClassifier, SafetyChecker, scrub_pii
 from tools.profanity_threshold import abusive_documents
 
 PROFANITY_DATA = os.path.join(REPO, 'tests', 'data', 'profanity')
@@ -66,6 +67,21 @@ def test_literary_scenes_are_kept_and_dense_abuse_is_caught_at_the_defaults():
     assert flags.profane and flags.flagged_fraction >= 0.2, (flags, text)
     assert len(flags.flagged_lines) == 3 and set(flags.flagged_lines) <= abuse  # the lines that decided it
     assert 'classifier flagged' in flags.reason() and repr(flags.flagged_lines[0]) in flags.reason()
+
+
+def test_classifier_scores_every_line_exactly_as_the_library_does_one_line_or_many_at_a_time():
+  from profanity_check import predict_prob
+  lines = [l.strip() for text in (*_literary_scenes().values(), _read(os.path.join(PROFANITY_DATA, 'abuse.txt')),
+                                  _read(os.path.join(REPO, 'jaxgpt', 'safety.py')))
+           for l in text.splitlines() if l.strip()]
+  # Unicode case rules (a final sigma, a dotted capital I), accents, words on a line's edges, no known word at all.
+  lines += ['ΟΔΥΣΣΕΥΣ ΣΟΦΟΣ', 'İstanbul DAMN İT', 'Ärger über den Idioten', 'idiot', 'the of and', '___ 12 x', '-']
+  classifier = ProfanityClassifier()
+  scores = classifier.scores(lines)
+  assert np.array_equal(scores, predict_prob(lines))  # bit for bit: a threshold decides the same way
+  assert (scores >= 0.9).sum() >= 17 and (scores < 0.1).sum() > len(lines) // 2  # both kinds of line are there
+  one_at_a_time = np.concatenate([classifier.scores([line]) for line in lines])
+  assert np.array_equal(one_at_a_time, scores)  # a line's neighbours in a call never change its score
 
 
 def test_threshold_tool_measures_precision_and_recall_per_fraction():

@@ -119,8 +119,8 @@ def test_top_k_and_top_p_limit_the_candidates():
   logits_BxV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 400))
   keys_B = jax.random.split(jax.random.key(0), 400)
   def draw(temperature, top_k, top_p):
-    return set(np.asarray(sample_tokens(logits_BxV, keys_B, jnp.full(400, temperature), jnp.full(400, top_k),
-                                        jnp.full(400, top_p))).tolist())
+    return set(np.asarray(jax.jit(sample_tokens)(logits_BxV, keys_B, jnp.full(400, temperature),
+                                                 jnp.full(400, top_k), jnp.full(400, top_p))).tolist())
   assert draw(1.0, 0, 1.0) == {0, 1, 2, 3}
   assert draw(1.0, 2, 1.0) == {0, 1}
   assert draw(1.0, 0, 0.7) == {0, 1}  # 0.5 + 0.3 reaches 0.7
@@ -142,9 +142,9 @@ def test_cut_offs_are_the_full_sorts_whether_or_not_they_lie_among_the_top_candi
                          descending_BxV[3, first_B[3]], descending_BxV[4, 199]])
   assert first_B[3] > 64 and first_B[1] < 64  # the flat row needs the sort; row 4's k = 200 too
   for rows in ([0, 1, 2], [0, 1, 2, 3, 4]):  # all within the top 64, then not
-    cutoffs_B = _cutoffs(jnp.asarray(logits_BxV[rows]), jnp.asarray(top_k_B[rows]), jnp.asarray(top_p_B[rows]))
+    cutoffs_B = jax.jit(_cutoffs)(logits_BxV[rows], top_k_B[rows], top_p_B[rows])
     np.testing.assert_array_equal(np.asarray(cutoffs_B)[:, 0], expected_B[rows])
-  assert np.asarray(_cutoffs(jnp.asarray(logits_BxV[:1]), jnp.zeros(1, int), jnp.ones(1)))[0, 0] == -np.inf
+  assert np.asarray(jax.jit(_cutoffs)(logits_BxV[:1], np.zeros(1, int), np.ones(1)))[0, 0] == -np.inf
 
 @pytest.mark.parametrize('sampling,prompts,message', [
     (Sampling(max_new_tokens=48), PROMPTS, 'max_new_tokens=48 must be between 1 and 47'),

@@ -200,15 +200,15 @@ def test_a_run_in_the_bucket_resumes_bitwise_then_samples_and_evaluates_from_it(
   reference = json.loads((tmp_path / 'reference' / 'results.json').read_text())
 
   workdir = f'gs://{BUCKET}/run'
-  log = open(tmp_path / 'killed.log', 'w+')
-  killed = subprocess.Popen(_train_command(workdir), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-  deadline = time.monotonic() + 240
-  while not _object_exists(gcs, 'run/checkpoints/10/commit_success.txt'):
-    assert killed.poll() is None, open(tmp_path / 'killed.log').read()[-3000:]
-    assert time.monotonic() < deadline, 'timed out waiting for the checkpoint of step 10'
-    time.sleep(0.005)
-  killed.send_signal(signal.SIGKILL)
-  assert killed.wait(timeout=60) == -signal.SIGKILL
+  with open(tmp_path / 'killed.log', 'w') as log:
+    killed = subprocess.Popen(_train_command(workdir), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not _object_exists(gcs, 'run/checkpoints/10/commit_success.txt'):
+      assert killed.poll() is None, (tmp_path / 'killed.log').read_text()[-3000:]
+      assert time.monotonic() < deadline, 'timed out waiting for the checkpoint of step 10'
+      time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
   committed = _committed_steps(gcs, 'run')
   assert len(committed) >= 2 and committed[-1] < NUM_STEPS, committed
   # The newest step loses its data position: the resumed run must move it aside, in the bucket, and go on

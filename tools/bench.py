@@ -25,7 +25,7 @@ from absl import flags  # noqa: E402
 from jaxgpt import sharding, state as state_lib  # noqa: E402
 from jaxgpt.config import base_config, define_config_flag, run_cli  # noqa: E402
 from jaxgpt.data.pipeline import random_batch  # noqa: E402
-from jaxgpt.metrics import peak_flops_per_device  # noqa: E402
+from jaxgpt.metrics import model_flops_utilization, peak_flops_per_device  # noqa: E402
 from jaxgpt.model import build_model, flops_per_token  # noqa: E402
 from jaxgpt.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from jaxgpt.train import make_train_step  # noqa: E402
@@ -84,7 +84,7 @@ def measure(config, peak: float, steps: int = 10, rounds: int = 3) -> dict:
   flops = flops_per_token(model.cfg, config.seq_len)
   return {
       'step_ms': 1000 * step_s, 'tokens_per_s': tokens_per_s, 'flops_per_token': flops,
-      'mfu': flops * tokens_per_s / (peak * jax.device_count()),
+      'mfu': model_flops_utilization(flops, tokens_per_s, peak, jax.device_count()),
       'compile_s': compile_s,
       'temp_mib': memory.temp_size_in_bytes / 2**20 if memory else float('nan'),
       'loss': float(metrics['loss']),

@@ -37,11 +37,14 @@ from configs import quickstart, web_text  # noqa: E402
 from jaxgpt.data import builder, pipeline, sources  # noqa: E402
 from jaxgpt.data.clean import Cleaner, normalize, quality_problem  # noqa: E402
 from jaxgpt.data.dedup import Deduplicator  # noqa: E402
+from jaxgpt.data.report import Report  # noqa: E402
 from jaxgpt.safety import ProfanityClassifier  # noqa: E402
 
 PARTS = {'code': quickstart, 'prose': web_text}
 _FULL_MB = {'code': 120, 'prose': 150}  # about all the prose a Debian image with Python packages has
 _SMALL_MB = {'code': 1, 'prose': 1}
+_STEPS = ('read and extract', 'normalize', 'quality filters', 'safety: word lists', 'safety: classifier', 'safety: PII',
+          'exact hash', 'MinHash')  # Cleaner's, in its order
 _MAX_FILE_BYTES = 2_000_000  # larger .txt files in packages are data tables, not text
 
 # --- the corpus ---------------------------------------------------------------------------------
@@ -91,26 +94,22 @@ def _package_dirs() -> list[str]:
 def _code_files():
   stdlib = sysconfig.get_paths()['stdlib']
   for root in [stdlib] + _package_dirs():
-    for directory, subdirs, files in sorted(os.walk(root)):
-      subdirs[:] = sorted(d for d in subdirs if d != 'site-packages' and d != '__pycache__')
-      for name in sorted(files):
-        if name.endswith('.py'):
-          yield os.path.join(directory, name)
+    yield from _files(root, lambda name: name.endswith('.py'))
 
 
 def _prose_files():
-  for directory in ('/usr/share/man', '/usr/share/doc'):
-    for root, subdirs, files in sorted(os.walk(directory)):
-      subdirs.sort()
-      for name in sorted(files):
-        if not re.search(r'\.(html?|png|gif|jpe?g|svg|css|js|pdf|xz|bz2|zip|deb)(\.gz)?$', name):
-          yield os.path.join(root, name)
+  for root in ('/usr/share/man', '/usr/share/doc'):
+    yield from _files(root, lambda name: not re.search(r'\.(html?|png|gif|jpe?g|svg|css|js|pdf|xz|bz2|zip|deb)(\.gz)?$',
+                                                        name))
   for root in _package_dirs():
-    for directory, subdirs, files in sorted(os.walk(root)):
-      subdirs.sort()
-      for name in sorted(files):
-        if name.endswith(('.rst', '.md', '.txt')):
-          yield os.path.join(directory, name)
+    yield from _files(root, lambda name: name.endswith(('.rst', '.md', '.txt')))
+
+
+def _files(root: str, wanted):
+  """The wanted files under `root` in sorted order, leaving out site-packages (the stdlib's) and caches."""
+  for directory, subdirs, files in os.walk(root):
+    subdirs[:] = sorted(d for d in subdirs if d not in ('site-packages', '__pycache__'))
+    yield from (os.path.join(directory, name) for name in sorted(files) if wanted(name))
 
 
 def _read_text(path: str, part: str) -> str | None:
@@ -183,7 +182,7 @@ def per_document_steps(data_cfg, records) -> tuple[dict, list]:
   return cleaner.stage_seconds(), outcomes
 
 
-def classifier_before_and_after(data_cfg, records) -> tuple[float, float, int]:
+def classifier_before_and_after(data_cfg, records) -> tuple[float, float]:
   """Seconds of the classifier before (predict_prob) and now on the same lines: the lines of each document
   that reaches the classifier, as `SafetyChecker.check` gives them. Raises if any score differs."""
   from profanity_check import predict_prob
@@ -193,8 +192,8 @@ def classifier_before_and_after(data_cfg, records) -> tuple[float, float, int]:
     if extracted.text is not None:
       text, _ = normalize(extracted.text, data_cfg.clean)
       if not quality_problem(text, data_cfg.clean):
-        lines = list(dict.fromkeys(l.strip() for l in text.splitlines() if l.strip()))
-        documents.append(lines) if lines else None
+        documents.append(list(dict.fromkeys(l.strip() for l in text.splitlines() if l.strip())))
+  documents = [lines for lines in documents if lines]
   classifier = ProfanityClassifier()
   start = time.perf_counter()
   before = [predict_prob(lines) for lines in documents]
@@ -203,15 +202,16 @@ def classifier_before_and_after(data_cfg, records) -> tuple[float, float, int]:
   end = time.perf_counter()
   if not all(np.array_equal(b, a) for b, a in zip(before, after)):
     raise SystemExit('the classifier scores differ from predict_prob: the fast path is wrong')
-  return middle - start, end - middle, sum(map(len, documents))
+  return middle - start, end - middle
 
 
 def dedup_seconds(data_cfg, outcomes) -> float:
   dedup = Deduplicator(data_cfg.clean)
   start = time.perf_counter()
-  for outcome in outcomes:
+  for order, outcome in enumerate(outcomes):
     if not outcome.dropped:
-      dedup.duplicate_of(outcome)
+      dedup.exact_original(order, outcome)
+  dedup.near_originals()
   return time.perf_counter() - start
 
 
@@ -233,13 +233,13 @@ def prepare_stages(data_cfg, workers: int) -> dict:
 def beam_seconds(data_cfg, workers: int) -> float:
   """Seconds of the cleaning stage on Beam's DirectRunner with `workers` processes."""
   try:
-    from jaxgpt.data.beam_pipeline import run_beam
+    from jaxgpt.data import beam_pipeline
   except ImportError as e:
-    raise SystemExit(f'--beam: the Beam pipeline is not available ({e}); install the beam extra.') from None
+    raise SystemExit(f'--beam needs Apache Beam ({e}): pip install -e ".[beam]"') from None
   args = ['--runner=DirectRunner', '--direct_running_mode=multi_processing', f'--direct_num_workers={workers}']
   with tempfile.TemporaryDirectory() as out:
     start = time.perf_counter()
-    run_beam(data_cfg, out, args)
+    beam_pipeline.clean_corpus(sources.open_source(data_cfg), data_cfg, out, Report(), args)
     return time.perf_counter() - start
 
 
@@ -251,11 +251,12 @@ def bench_part(part: str, corpus_dir: str, args) -> dict:
   rate = lambda seconds, cores=1: mb / max(seconds, 1e-9) / cores
   rows = {}
   steps, outcomes = per_document_steps(data_cfg, records)
-  for step, seconds in steps.items():
-    rows[f'1 process: {step}'] = rate(seconds)
-  if data_cfg.safety.profanity != 'off':
-    before, after, lines = classifier_before_and_after(data_cfg, records)
-    rows['1 process: safety: classifier, before (predict_prob)'] = rate(before)
+  assert set(steps) <= set(_STEPS), f'steps missing from _STEPS: {set(steps) - set(_STEPS)}'
+  for step in filter(steps.__contains__, _STEPS):
+    rows[f'1 process: {step}'] = rate(steps[step])
+  if 'safety: classifier' in steps:
+    before, after = classifier_before_and_after(data_cfg, records)
+    rows['1 process: safety: classifier, before (predict_prob), same lines'] = rate(before)
     rows['1 process: safety: classifier, now, same lines'] = rate(after)
     rows['1 process: per-document steps, before'] = rate(sum(steps.values()) - steps['safety: classifier'] + before)
   rows['1 process: per-document steps'] = rate(sum(steps.values()))
@@ -269,9 +270,10 @@ def bench_part(part: str, corpus_dir: str, args) -> dict:
   return rows
 
 
-def bench_pipeline(batches: int) -> float:
+def bench_pipeline(batches: int, max_docs: int) -> float:
   """Tokens/s of packed, shuffled quickstart training batches from the Grain pipeline."""
   config = quickstart.get_config()
+  config.data.max_docs = max_docs
   data = builder.prepare(config.data, log=lambda m: None)
   it = pipeline.make_iterator(data.chunks('train', config.seq_len + 1), seq_len=config.seq_len,
                               local_batch_size=config.batch_size, seed=0, shuffle=True)
@@ -291,11 +293,12 @@ def main():
   parser.add_argument('--batches', type=int, default=200, help='Grain pipeline batches to time')
   parser.add_argument('--train_tokens_per_s', type=float, default=9200.0,
                       help="what the quickstart's training step consumes (README, 2-core CPU)")
-  parser.add_argument('--small', action='store_true', help='a 2 MB corpus and 10 batches: seconds, for tests')
+  parser.add_argument('--small', action='store_true',
+                      help='a 2 MB corpus, 1 worker, 10 batches of 100 files: seconds, for tests')
   args = parser.parse_args()
   corpus_dir = os.path.expanduser(args.corpus_dir)
   if args.small:
-    corpus_dir, args.batches = os.path.join(corpus_dir, 'small'), 10
+    corpus_dir, args.workers, args.batches = os.path.join(corpus_dir, 'small'), 1, 10
   manifest = build_corpus(corpus_dir, _SMALL_MB if args.small else _FULL_MB)
   print(f'corpus in {corpus_dir}: ' + '; '.join(
       f'{part} {m["mb"]} MB, {m["documents"]:,} documents (' + ', '.join(
@@ -303,6 +306,7 @@ def main():
 
   results = {part: bench_part(part, corpus_dir, args) for part in PARTS}
   stages = list(dict.fromkeys(stage for rows in results.values() for stage in rows))
+  stages.sort(key=lambda stage: not stage.startswith('1 process'))  # stably: per-document steps first
   width = max(map(len, stages))
   print(f'\n{"MB/s per core":<{width}}  ' + '  '.join(f'{part:>8}' for part in PARTS))
   for stage in stages:
@@ -311,9 +315,9 @@ def main():
   for part, rows in results.items():
     slowest = min((s for s in rows if s.startswith('1 process: ') and 'before' not in s and 'steps' not in s
                    and 'same lines' not in s), key=rows.get)
-    print(f'slowest per-document step, {part}: {slowest.removeprefix("1 process: ")} ({rows[slowest]:.2f} MB/s)')
+    print(f'slowest stage in one process, {part}: {slowest.removeprefix("1 process: ")} ({rows[slowest]:.2f} MB/s)')
 
-  tokens_s = bench_pipeline(args.batches)
+  tokens_s = bench_pipeline(args.batches, max_docs=100 if args.small else 0)
   ratio = tokens_s / args.train_tokens_per_s
   print(f'Grain pipeline: {tokens_s:,.0f} tokens/s = {ratio:.0f}x the {args.train_tokens_per_s:,.0f} tokens/s '
         f"training consumes ({'meets' if ratio >= 10 else 'misses'} the 10x goal)")

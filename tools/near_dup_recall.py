@@ -16,12 +16,12 @@ so sections of one long text are distinct documents of the same author):
 round(rate * words) edits at distinct random word positions, each a
 substitution, an insertion or a deletion (equally likely) with words drawn
 from the same genre. The measurement uses jaxgpt's own code: signatures from
-`clean.minhash` (the shingles dedup uses) and a datasketch `MinHashLSH` built
-as `dedup.Deduplicator` builds it. The distinct documents go in first, in
-order, each queried before it is inserted, exactly as deduplication does: one
-that is found similar to an earlier one is a false positive. Each copy is then
-queried against them (and not inserted): found with its own original, it is
-recalled. `shared` columns are the share of overlapping documents that are
+`clean.minhash` (the shingles dedup uses) and the rule of `dedup.py` (a shared
+LSH band and an estimated Jaccard similarity at the threshold links two
+documents). The distinct documents go through a `dedup.Deduplicator`: each one
+it drops as a near duplicate of another is a false positive. A copy is recalled
+when the rule links it to its own original.
+`shared` columns are the share of overlapping documents that are
 flagged: each as long as a document, starting with that share of its words and
 going on with another document's (a quoted or excerpted text, not a copy; at
 70% its Jaccard similarity is about 0.54). `J` columns are the copies' mean
@@ -41,10 +41,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from datasketch import MinHashLSH  # noqa: E402
-
 from jaxgpt.config import base_config  # noqa: E402
-from jaxgpt.data import clean  # noqa: E402
+from jaxgpt.data import clean, dedup, sources  # noqa: E402
 
 OPERATIONS = ('substitute', 'insert', 'delete')
 _VIM_DOCS = '/usr/share/vim/vim*/doc/*.txt'
@@ -141,8 +139,19 @@ def _estimated_jaccard(a, b) -> float:
   return float(np.mean(a.hashvalues == b.hashvalues))
 
 
+def _linked(a, b, threshold: float, bands: tuple[int, int]) -> bool:
+  """Whether deduplication links the two signatures: a shared band key, and the similarity at the threshold."""
+  a, b = dedup.signature_values(a), dedup.signature_values(b)
+  shared = set(dedup.band_keys(a, *bands)) & set(dedup.band_keys(b, *bands))
+  return bool(shared) and bool(dedup.bucket_links([(0, a), (1, b)], threshold))
+
+
+def _outcome(name: str, signature) -> clean.Outcome:
+  return clean.Outcome(sources.Record(name, name, 0, b''), text='', signature=signature)
+
+
 def measure(genre: Genre, shingle_size: int, num_perm: int, thresholds: list[float]) -> dict:
-  """threshold -> {'recall': {rate: fraction}, 'false': [(doc, earlier doc)], ...} for one genre."""
+  """threshold -> {'recall': {rate: fraction}, 'false': [(doc, kept doc)], ...} for one genre."""
   originals = [clean.minhash(text, shingle_size, num_perm) for _, text in genre.docs]
   copies = {rate: [(i, clean.minhash(text, shingle_size, num_perm)) for i, text in planted]
             for rate, planted in genre.copies.items()}
@@ -158,15 +167,17 @@ def measure(genre: Genre, shingle_size: int, num_perm: int, thresholds: list[flo
                        for rate, planted in copies.items()}}
   results = {}
   for threshold in thresholds:
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # as dedup.Deduplicator builds it
-    false = []
+    clean_cfg = base_config().data.clean
+    clean_cfg.update(exact_dedup=False, near_dedup_threshold=threshold, num_perm=num_perm)
+    deduplicator = dedup.Deduplicator(clean_cfg)  # the distinct documents alone: any group is a false positive
     for i, signature in enumerate(originals):
-      found = lsh.query(signature)
-      if found:
-        false.append((genre.docs[i][0], genre.docs[min(found)][0]))
-      lsh.insert(i, signature)  # kept anyway: every later copy is looked up against all originals
-    recall = {rate: float(np.mean([i in lsh.query(s) for i, s in planted])) for rate, planted in copies.items()}
-    flagged = {share: float(np.mean([i in lsh.query(s) for i, s in planted])) for share, planted in mixed.items()}
+      deduplicator.exact_original(i, _outcome(genre.docs[i][0], signature))
+    false = [(genre.docs[i][0], kept) for i, kept in sorted(deduplicator.near_originals().items())]
+    bands = dedup.lsh_bands(threshold, num_perm)
+    recall = {rate: float(np.mean([_linked(s, originals[i], threshold, bands) for i, s in planted]))
+              for rate, planted in copies.items()}
+    flagged = {share: float(np.mean([_linked(s, originals[i], threshold, bands) for i, s in planted]))
+               for share, planted in mixed.items()}
     results[threshold] = {'recall': recall, 'false': false, 'flagged': flagged, **common}
   return results
 
@@ -175,9 +186,7 @@ def quickstart_losses(shingle_size: int, num_perm: int, thresholds: list[float])
   """threshold -> (files dropped as near duplicates, files after exact dedup, their names) when the
   quickstart corpus (the stdlib) is cleaned and deduplicated by jaxgpt's own Cleaner and Deduplicator."""
   from configs import quickstart  # noqa: PLC0415
-  from jaxgpt.data import sources  # noqa: PLC0415
   from jaxgpt.data.clean import Cleaner  # noqa: PLC0415
-  from jaxgpt.data.dedup import Deduplicator  # noqa: PLC0415
   data_cfg = quickstart.get_config().data
   data_cfg.clean.shingle_size, data_cfg.clean.num_perm = shingle_size, num_perm
   outcomes = [o for o in map(Cleaner(data_cfg), sources.open_source(data_cfg).records()) if not o.dropped]
@@ -185,12 +194,10 @@ def quickstart_losses(shingle_size: int, num_perm: int, thresholds: list[float])
   losses = {}
   for threshold in thresholds:
     data_cfg.clean.near_dedup_threshold = threshold
-    dedup, dropped, exact = Deduplicator(data_cfg.clean), [], 0
-    for outcome in outcomes:
-      duplicate = dedup.duplicate_of(outcome)
-      if duplicate and duplicate[0] == 'near duplicate':
-        dropped.append(f'{os.path.relpath(outcome.record.where, stdlib)} ~ {os.path.relpath(duplicate[1], stdlib)}')
-      exact += bool(duplicate) and duplicate[0] == 'exact duplicate'
+    deduplicator = dedup.Deduplicator(data_cfg.clean)
+    exact = sum(deduplicator.exact_original(order, o) is not None for order, o in enumerate(outcomes))
+    dropped = [f'{os.path.relpath(outcomes[order].record.where, stdlib)} ~ {os.path.relpath(kept, stdlib)}'
+               for order, kept in sorted(deduplicator.near_originals().items())]
     losses[threshold] = (len(dropped), len(outcomes) - exact, dropped)
   return losses
 

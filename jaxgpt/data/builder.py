@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxgpt import paths
-from jaxgpt.config import JaxgptError
+from jaxgpt.config import JaxgptError, require_extra
 from jaxgpt.data import corpus, instructions, pipeline, sources
 from jaxgpt.data.report import SPLITS, Report, table
 from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe, train_tokenizer
@@ -32,7 +32,8 @@ from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe, train_tokenize
 # Bump when the on-disk layout or tokenization changes, to invalidate old caches.
 _FORMAT_VERSION = 4  # 4: JSONL records split by id or content hash, not line number
 # Settings that change how data is read or where it is kept, not what it is.
-_SETTINGS_NOT_IN_DATA = ('cache_dir', 'shuffle', 'num_workers', 'executor')
+# ('mixture': a source of a mixture is prepared with it empty; a mixture's caches are its sources'.)
+_SETTINGS_NOT_IN_DATA = ('cache_dir', 'shuffle', 'num_workers', 'executor', 'beam_args', 'mixture')
 _ENCODE_BATCH = 256
 TOKENIZER_FILE = 'tokenizer.model'
 REPORT_FILE = 'report.json'
@@ -100,6 +101,11 @@ def _fingerprint(data_cfg, source: sources.Source, tokenizer: Tokenizer | None) 
   stats = [(p, stat.size, stat.mtime_ns) for p, stat in zip(files, map(_stat_or_none, files)) if stat]
   blob = json.dumps([_FORMAT_VERSION, source.root, settings, source.identity(), stats], sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def fingerprint(data_cfg) -> str:
+  """The fingerprint of a source's data settings and input files, before any tokenizer is given."""
+  return _fingerprint(data_cfg, sources.open_source(data_cfg), None)
 
 
 def _stat_or_none(file: str) -> paths.FileStat | None:
@@ -175,8 +181,11 @@ def prepare(data_cfg, log=print, tokenizer: Tokenizer | None = None, pipeline_ar
   Building: clean, deduplicate and split the source (corpus.py), train or load
   the tokenizer (or use `tokenizer`, a base model's, over data.tokenizer),
   tokenize into TFDS array_record, and write the report. With data.executor='beam' the cleaning runs as an
-  Apache Beam pipeline (beam_pipeline.py) with `pipeline_args` (--runner=..., ...).
+  Apache Beam pipeline (beam_pipeline.py) with data.beam_args and `pipeline_args` (--runner=..., ...).
   """
+  if data_cfg.mixture:  # several sources, each prepared here (jaxgpt/data/mixture.py)
+    from jaxgpt.data import mixture  # it imports this module
+    return mixture.prepare(data_cfg, log, tokenizer, pipeline_args)
   check_settings(data_cfg)
   source = sources.open_source(data_cfg)
   cache_root = paths.path(data_cfg.cache_dir)
@@ -214,7 +223,8 @@ def prepare(data_cfg, log=print, tokenizer: Tokenizer | None = None, pipeline_ar
 def _build(source: sources.Source, data_cfg, building: str, log, tokenizer: Tokenizer | None, pipeline_args) -> dict:
   report = Report()
   if data_cfg.executor == 'beam':
-    from jaxgpt.data import beam_pipeline  # the optional 'beam' extra
+    require_extra('beam', 'apache_beam')
+    from jaxgpt.data import beam_pipeline
     beam_pipeline.clean_corpus(source, data_cfg, building, report, pipeline_args)
   else:
     corpus.clean_corpus(source, data_cfg, building, report)

@@ -26,7 +26,7 @@ import hashlib
 from collections.abc import Hashable, Iterable
 
 import numpy as np
-from datasketch import MinHashLSH
+from datasketch import LeanMinHash, MinHashLSH
 
 from jaxgpt.data.clean import Outcome
 
@@ -38,9 +38,9 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
   return lsh.b, lsh.r
 
 
-def signature_values(outcome: Outcome) -> np.ndarray:
+def signature_values(signature: LeanMinHash) -> np.ndarray:
   """The signature as uint32 (datasketch's hash values are below 2**32): half the memory of its uint64."""
-  return outcome.signature.hashvalues.astype(np.uint32)
+  return signature.hashvalues.astype(np.uint32)
 
 
 def band_keys(values: np.ndarray, bands: int, rows: int) -> list[bytes]:
@@ -118,7 +118,7 @@ class Deduplicator:
       self._exact[outcome.exact_key] = outcome.record.where
     if self._near:
       node = (order, outcome.record.where)
-      self._signatures[node] = values = signature_values(outcome)
+      self._signatures[node] = values = signature_values(outcome.signature)
       for key in band_keys(values, *self._bands):
         self._buckets[key].append(node)
     return None

@@ -13,7 +13,10 @@ process yields are that process's share of the global batch. The iterator is
 a Grain DatasetIterator: its state is saved with every checkpoint.
 """
 
+import dataclasses
+import functools
 import json
+from collections.abc import Sequence
 
 import grain
 import jax
@@ -62,18 +65,48 @@ class DocumentChunks:
     return {k: np.asarray(example[k][start:start + self._chunk_len]) for k in _FEATURES if k in example}
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """Several random-access sources, each packed into rows on its own, mixed row by row by weight.
+
+  Rows, not documents, are mixed: every row holds seq_len + 1 tokens, so each
+  source's share of the rows is its share of the tokens trained on, whatever
+  its documents' lengths (mixing documents would favour the source with the
+  longer ones).
+  """
+  sources: dict  # name -> random-access source (documents or DocumentChunks)
+  weights: dict  # name -> weight, any positive scale
+
+
 def make_iterator(source, *, seq_len: int, local_batch_size: int, seed: int,
                   shuffle: bool, process_index: int | None = None,
                   process_count: int | None = None) -> 'BatchIterator':
-  """An endless iterator of local batches from a random-access `source`.
+  """An endless iterator of local batches from a random-access `source`, or from a `Mixture` of them.
 
   Elements (documents or DocumentChunks) are concatenated and split into rows
   of seq_len + 1 tokens (concat-then-split packing: no padding; an element
   that does not fit continues on the next row), then shifted into
-  input/target pairs.
+  input/target pairs. A mixture's rows come from its sources in the
+  proportions of their weights (Grain's mix, a fixed interleaving: every
+  1,000 or so rows hold each source's share exactly), each source shuffled
+  by its own seed.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
+  rows_of = lambda src, seed: _rows(src, seq_len, seed, shuffle, process_index, process_count)
+  if not isinstance(source, Mixture):
+    return BatchIterator(iter(rows_of(source, seed).batch(local_batch_size, drop_remainder=True)))
+  names = sorted(source.sources)
+  streams = {name: rows_of(source.sources[name], _source_seed(seed, i)).map(functools.partial(_tagged, i))
+             for i, name in enumerate(names)}
+  smallest = min(source.weights.values())
+  # Whole numbers, which grain's mix keeps as they are (it truncates the ratios of fractional ones).
+  proportions = {name: round(100 * source.weights[name] / smallest) for name in names}
+  rows = grain.IterDataset.mix(streams, proportions)
+  return BatchIterator(iter(rows.batch(local_batch_size, drop_remainder=True)), names)
+
+
+def _rows(source, seq_len: int, seed: int, shuffle: bool, process_index: int, process_count: int):
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if shuffle:
     ds = ds.seed(seed).shuffle()
@@ -81,7 +114,15 @@ def make_iterator(source, *, seq_len: int, local_batch_size: int, seed: int,
   ds = ds.repeat(None).map(lambda example: {k: example[k] for k in features})
   packed = grain.experimental.ConcatThenSplitIterDataset(
       ds.to_iter_dataset(), length_struct={k: seq_len + 1 for k in features})
-  return BatchIterator(iter(packed.map(_to_rows).batch(local_batch_size, drop_remainder=True)))
+  return packed.map(_to_rows)
+
+
+def _source_seed(seed: int, index: int) -> int:
+  return int(np.random.SeedSequence((seed, index)).generate_state(1)[0])
+
+
+def _tagged(index: int, row: dict) -> dict:
+  return {**row, 'source': np.int32(index)}
 
 
 class BatchIterator:
@@ -89,23 +130,44 @@ class BatchIterator:
 
   It serialises its state itself because a plain JSON round trip turns the
   packer's (start, stop) tuples into lists, and ConcatThenSplit (grain 0.2.18)
-  then resumes at the wrong place.
+  then resumes at the wrong place. For a mixture it takes each row's source
+  off the batch (the step does not need it) and counts the tokens each source
+  gave, saved with the position so that a resumed run's counts continue.
   """
 
-  def __init__(self, iterator: grain.DatasetIterator):
+  def __init__(self, iterator: grain.DatasetIterator, source_names: Sequence[str] = ()):
     self._iterator = iterator
+    self.source_names = tuple(source_names)
+    self._source_tokens = np.zeros(len(self.source_names), np.int64)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return next(self._iterator)
+    batch = next(self._iterator)
+    if self.source_names:
+      batch = dict(batch)
+      np.add.at(self._source_tokens, batch.pop('source'), (batch['segment_ids'] > 0).sum(axis=1))
+    return batch
+
+  @property
+  def source_tokens(self) -> dict[str, int]:
+    """A mixture's input tokens yielded so far by source (this process's rows); empty for one source."""
+    return dict(zip(self.source_names, self._source_tokens.tolist()))
 
   def get_state(self) -> bytes:
-    return json.dumps(self._iterator.get_state(), indent=1).encode()
+    state = self._iterator.get_state()
+    if self.source_names:
+      state = {'rows': state, 'source_tokens': self.source_tokens}
+    return json.dumps(state, indent=1).encode()
 
   def set_state(self, state: str | bytes) -> None:
-    self._iterator.set_state(_with_slice_tuples(json.loads(state)))
+    state = json.loads(state)
+    if self.source_names:
+      counts = state['source_tokens']
+      self._source_tokens[:] = [counts.get(name, 0) for name in self.source_names]
+      state = state['rows']
+    self._iterator.set_state(_with_slice_tuples(state))
 
   def start_prefetch(self) -> None:
     """Called by grain's checkpoint handler after a restore."""
