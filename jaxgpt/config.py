@@ -29,12 +29,29 @@ def base_config() -> ConfigDict:
 
   # Data preparation (python -m jaxgpt.prepare, or the first training run); docs/data.md.
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'stdlib'  # 'stdlib' (the running Python's .py files), 'dir', 'jsonl' or 'tfds'
-  c.data.path = ''  # a directory for 'dir', a .jsonl file for 'jsonl', the TFDS data_dir for 'tfds' ('' = default)
+  # 'stdlib' (the running Python's .py files), 'dir' (a directory of text files), 'jsonl' (JSON lines, also
+  # .jsonl.gz/.jsonl.zst shards), 'parquet', 'arrow' (a Hugging Face save_to_disk directory), 'warc' (WARC/WET
+  # web archives), 'wikipedia' (.xml.bz2 dumps) or 'tfds'; every kind but stdlib, dir and tfds needs jaxgpt[corpus].
+  c.data.source = 'stdlib'
+  # A directory for 'dir' and 'arrow'; for 'jsonl', 'parquet', 'warc' and 'wikipedia' files, directories (every
+  # matching file under them) or globs ('shards/*.jsonl.zst', 'gs://b/c4/*.json.gz'), comma-separated; the
+  # TFDS data_dir for 'tfds' ('' = default).
+  c.data.path = ''
   c.data.glob = '**/*.txt'  # files taken from data.path when source='dir'; several: comma-separated
   c.data.exclude = ''  # comma-separated globs (relative to data.path) of files to leave out, e.g. 'build/**'
-  c.data.text_field = 'text'  # the JSONL field (or TFDS feature) holding each document
-  c.data.id_field = 'id'  # JSONL: a record's id (str/int) keys its split; records without one: a hash of the line
+  c.data.text_field = 'text'  # the JSONL field (Parquet/Arrow column, TFDS feature) holding each document
+  # JSONL/Parquet/Arrow: a record's id (str/int) keys its split; without one, a hash of the JSON line, or the
+  # table file's name and the row number.
+  c.data.id_field = 'id'
+  # JSONL/Parquet/Arrow: keep only records whose numeric field filter_field lies in [filter_min, filter_max]
+  # (e.g. 'score' >= 3 for forum answers); others, and those without a number there, are dropped as 'filtered'.
+  c.data.filter_field = ''
+  c.data.filter_min = float('-inf')
+  c.data.filter_max = float('inf')
+  # Language identification (py3langid, jaxgpt[corpus]): keep documents whose most likely language is one of
+  # these ISO 639-1 codes, e.g. ('en',), with at least this probability; others are dropped as 'language'.
+  c.data.languages = ()
+  c.data.min_language_score = 0.5
   # Instruction data in JSONL: set both fields; each document is instruction_format filled with them.
   c.data.instruction_field = ''
   c.data.response_field = ''
@@ -53,6 +70,10 @@ def base_config() -> ConfigDict:
   c.data.max_docs = 0  # 0 = every document; a cap makes small experiments fast
   c.data.val_fraction = 0.05  # documents (files or JSONL lines) held out for validation
   c.data.on_bad_utf8 = 'skip'  # 'skip' (counted and named), 'repair' (bad bytes become U+FFFD, counted) or 'error'
+  # A file that cannot be read to its end (truncated or corrupt .gz/.zst/.bz2, malformed XML, a table without the
+  # text column): 'skip' keeps what came before the problem and counts the file as a 'bad shard' in the report;
+  # 'error' stops with the file's name.
+  c.data.on_bad_shard = 'skip'
   c.data.vocab_size = 4096  # SentencePiece vocabulary, trained on the cleaned train split
   c.data.num_workers = 0  # processes that clean documents; 0 = one per core, 1 = none (in this process)
   # 'local' (num_workers processes here) or 'beam' (an Apache Beam pipeline; same result; docs/data.md).
@@ -334,6 +355,10 @@ def _override(node: ConfigDict, overrides: dict, where: str) -> None:
         raise JaxgptError(f'{where}.{key}={value!r}: {e}.') from None
 
 
+# data.source's kinds (jaxgpt/data/sources/__init__.py).
+_SOURCES = ('stdlib', 'dir', 'jsonl', 'parquet', 'arrow', 'warc', 'wikipedia', 'tfds')
+
+
 def validate(config: ConfigDict) -> None:
   """Checks the relations between fields that no single field type can express."""
   m, t, d, o = config.model, config.train, config.data, config.optim
@@ -354,10 +379,19 @@ def validate(config: ConfigDict) -> None:
   # A mixture reads its sources' settings: data.* with each entry's fields over them.
   sources = [(f'data.mixture.{name}.', part) for name, (_, part) in mixture_parts(d).items()] or [('data.', d)]
   for p, source in sources:
-    if source.source not in ('stdlib', 'dir', 'jsonl', 'tfds'):
-      problems.append(f"{p}source={source.source!r} is not one of 'stdlib', 'dir', 'jsonl', 'tfds'")
-    if source.source in ('dir', 'jsonl') and not source.path:
-      problems.append(f'{p}source={source.source!r} needs {p}path (a directory or a .jsonl file)')
+    if source.source not in _SOURCES:
+      problems.append(f'{p}source={source.source!r} is not one of {", ".join(map(repr, _SOURCES))}')
+    if source.source not in ('stdlib', 'tfds') and not source.path:
+      problems.append(f'{p}source={source.source!r} needs {p}path (its files, a directory or a glob)')
+    if source.filter_field and source.source not in ('jsonl', 'parquet', 'arrow'):
+      problems.append(f'{p}filter_field applies to records with fields: source jsonl, parquet or arrow, '
+                      f'not {source.source!r}')
+    if not source.filter_min <= source.filter_max:
+      problems.append(f'{p}filter_min={source.filter_min} exceeds {p}filter_max={source.filter_max}')
+    if not 0 <= source.min_language_score <= 1:
+      problems.append(f'{p}min_language_score={source.min_language_score} must be a probability, 0 to 1')
+    if source.on_bad_shard not in ('skip', 'error'):
+      problems.append(f"{p}on_bad_shard={source.on_bad_shard!r} is not 'skip' or 'error'")
     if source.on_bad_utf8 not in ('skip', 'repair', 'error'):
       problems.append(f"{p}on_bad_utf8={source.on_bad_utf8!r} is not 'skip', 'repair' or 'error'")
     if not 0 < source.val_fraction < 1:

@@ -363,16 +363,17 @@ def _token_shares(run: Run) -> dict:
 def _validate(run: Run, state, step: int, whole_split: bool) -> dict:
   params = run.model_params(state)
   results = held_out_metrics(run.eval_step, params, run.data, run.config, run.mesh, whole_split)
-  if isinstance(run.data, mixture.PreparedMixture):  # each source's held-out figures beside the mixture's
-    results['mixture'] = {name: {'validation': held_out_metrics(run.eval_step, params, part, run.config, run.mesh,
-                                                                whole_split)}
-                          for name, part in run.data.parts.items()}
-    run.writer.log(f'step {step}: validation loss by source: ' + ' | '.join(
-        f'{name} {entry["validation"]["loss"]:.3f}' for name, entry in results['mixture'].items()))
   if run.references:
     _log_generation_metrics(run.writer, step, run.model, params, run.data.tokenizer, run.references,
                             run.config.eval)
   _log_validation(run.writer, step, results, whole_split, loss_scope(run.config.data))
+  if isinstance(run.data, mixture.PreparedMixture):  # each source's held-out figures beside the mixture's
+    by_source = {name: held_out_metrics(run.eval_step, params, part, run.config, run.mesh, whole_split)
+                 for name, part in run.data.parts.items()}
+    run.writer.log(f'step {step}: validation loss by source: '
+                   + ' | '.join(f'{name} {figures["loss"]:.3f}' for name, figures in by_source.items()))
+    run.writer.scalars(step, {f'val/loss_{name}': figures['loss'] for name, figures in by_source.items()})
+    results['mixture'] = {name: {'validation': figures} for name, figures in by_source.items()}
   return results
 
 

@@ -7,11 +7,10 @@ import random
 import pytest
 
 from jaxgpt.config import JaxgptError, base_config
-from jaxgpt.data import builder, dedup, sources
+from jaxgpt.data import builder, dedup
 from jaxgpt.data.clean import minhash
 
 pytest.importorskip('apache_beam', reason="the 'beam' extra is not installed")
-from jaxgpt.data import beam_pipeline  # noqa: E402
 
 MULTI_PROCESS = '--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2'
 
@@ -96,19 +95,6 @@ def test_beam_and_local_prepare_the_same_dataset(corpus, tmp_path):
       'not valid UTF-8': 1}
   assert report['read']['documents'] == 310 and report['kept']['documents'] == 301
   assert report['validation']['documents'] >= 10 and report['train']['tokens'] > 10 * report['train']['documents']
-
-
-@pytest.mark.parametrize('range_bytes', [1, 2, 7, 64, 10**6])
-def test_jsonl_byte_ranges_give_the_records_of_the_local_reader(tmp_path, range_bytes):
-  file = tmp_path / 'lines.jsonl'
-  file.write_bytes(b'{"id": 5, "text": "a"}\n\n\nx\n{"b": 22}\r\n' + b'y' * 40 + b'\n\xff\n"last"')
-  ranges = beam_pipeline.byte_ranges(file.stat().st_size, range_bytes)
-  counts = {start: sum(1 for _ in beam_pipeline.lines_in(str(file), start, end)) for start, end in ranges}
-  for max_docs in (0, 5):
-    expected = list(enumerate(sources.JsonLines(_config(file, tmp_path, max_docs=max_docs)).records()))
-    assert len(expected) == (max_docs or 8) and expected[0][1].key == 'id:5'
-    assert [r for byte_range in ranges
-            for r in beam_pipeline.numbered_records(byte_range, str(file), 'id', max_docs, counts)] == expected
 
 
 def test_a_bad_record_fails_the_pipeline_in_one_clear_error_and_leaves_no_cache(corpus, tmp_path):

@@ -44,7 +44,8 @@ def test_every_config_file_is_covered():
   assert {f[:-3] for f in os.listdir(CONFIGS) if f.endswith('.py')} == {
       'quickstart', 'gpt2', 'llama_tiny', 'llama_1b', 'web_text',
       'finetune_gpt2', 'sft_alpaca',  # exercised by tests/test_finetune.py
-      'lora'}  # exercised by tests/test_lora.py
+      'lora',  # exercised by tests/test_lora.py
+      'mixture'}  # exercised by tests/test_mixture.py
 
 
 def test_plan_shards_memory_by_the_mesh():

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import corpora
 from conftest import GPT2_ARCHITECTURE, REPO, TINY_OVERRIDES, override_args
 
 # --- reading commands from the docs -------------------------------------------------------------
@@ -339,6 +340,7 @@ def make_workdir(directory: str) -> None:
                ({'prompt': f'What does paragraph {i} of the docs say?', 'answer': p} for i, p in enumerate(paragraphs)))
   _write_jsonl(os.path.join(directory, 'refs.jsonl'), [{'prompt': 'import ', 'reference': 'import os'},
                                                        {'prompt': 'def f(', 'reference': 'def f(x):\n    return x'}])
+  corpora.write_docs_inputs(directory, paragraphs)  # docs/data.md's corpus sources
 
 
 @contextlib.contextmanager
@@ -902,10 +904,58 @@ def _completion_within(max_tokens: int):
   return expect
 
 
+def _mixture_shares_logged(result, flow) -> None:
+  assert re.search(r'step 10: tokens trained on by source: code \S+% \(weight 20.0%\) \| notes \S+% '
+                   r'\(weight 10.0%\) \| web \S+% \(weight 70.0%\) of ', result.stdout), result.stdout[-2000:]
+  assert 'validation loss by source: code ' in result.stdout
+
+
 def _prepared(reused: bool):
   def expect(result, flow):
     assert ('data: reusing' in result.stdout) == reused and 'dataset: ' in result.stdout
   return expect
+
+
+def _prepared_all(documents: int, *dropped: str):
+  """Built now, having read `documents` and dropped some for each reason in `dropped` (and no other)."""
+  def expect(result, flow):
+    _prepared(False)(result, flow)
+    assert re.search(rf'^  read +{documents} docs', result.stdout, re.M), result.stdout
+    assert sorted(re.findall(r'^  dropped: (.+?) +\d', result.stdout, re.M)) == sorted(dropped), result.stdout
+  return expect
+
+
+def _prepared_as_locally(result, flow) -> None:
+  """The Beam-prepared cache (its own cache_dir) holds what the quickstart's local one does, speed aside."""
+  _prepared(False)(result, flow)
+  (beam,) = glob.glob(os.path.join(flow.home, '.cache', 'jaxgpt-beam', 'stdlib-*'))
+  local = os.path.join(flow.home, '.cache', 'jaxgpt', os.path.basename(beam))  # the same fingerprint
+  for name in ('clean-train.jsonl', 'clean-validation.jsonl'):
+    assert open(os.path.join(beam, name), 'rb').read() == open(os.path.join(local, name), 'rb').read(), name
+  reports = [json.load(open(os.path.join(d, 'report.json'))) for d in (beam, local)]
+  assert reports[0].pop('speed')['runner'] == 'DirectRunner'
+  del reports[1]['speed']
+  assert reports[0] == reports[1]
+
+
+def _beam_cluster_command_parses(command, flow) -> None:
+  """Its config fields exist and Beam knows every pipeline option it gives; the pipeline itself runs here with the
+  DirectRunner (the command before) and in tests/test_beam.py."""
+  from apache_beam.options.pipeline_options import PipelineOptions
+
+  from jaxgpt.config import base_config
+  overrides = dict(a.removeprefix('--config.').split('=', 1) for a in shlex.split(command.text) if '--config.' in a)
+  config = base_config()
+  for dotted in overrides:
+    node = config
+    for name in dotted.split('.'):
+      node = node[name]  # KeyError: no such field
+  args = shlex.split(overrides['data.beam_args'])
+  known = PipelineOptions(args).get_all_options(drop_default=True)
+  for arg in args:
+    name = arg.removeprefix('--').split('=')[0]
+    assert name in known or f'{name}s' in known, f'Beam does not know --{name}'
+  assert known['runner'] in ('DataflowRunner', 'FlinkRunner', 'SparkRunner') and overrides['data.executor'] == 'beam'
 
 
 def _sweep_rows(result, flow) -> None:
@@ -975,6 +1025,43 @@ TABLE = {
             append(PROSE_DATA), expect=_prepared(False)),
         'python tools/near_dup_recall.py': Run(NEAR_DUP_FEW),
         'python tools/near_dup_recall.py --quickstart': Run(NEAR_DUP_FEW),
+        # The corpus sources: tests/corpora.py writes the docs' paragraphs in each format into the sandbox.
+        "python -m jaxgpt.prepare --config configs/quickstart.py --config.data.source=jsonl "
+        "--config.data.path='shards/*.jsonl.gz,shards/*.jsonl.zst'": Run(
+            append(PROSE_DATA), expect=_prepared_all(len(_paragraphs()))),
+        'python -m jaxgpt.prepare --config configs/quickstart.py --config.data.source=jsonl '
+        '--config.data.path=forum.jsonl --config.data.filter_field=score --config.data.filter_min=3 '
+        '--config.data.languages="(\'en\',)"': Run(
+            append(PROSE_DATA), expect=_prepared_all(len(_paragraphs()) + 1, 'filtered', 'language')),
+        "python -m jaxgpt.prepare --config configs/quickstart.py --config.data.source=parquet "
+        "--config.data.path='fineweb/*.parquet'": Run(append(PROSE_DATA), expect=_prepared_all(len(_paragraphs()))),
+        'python -m jaxgpt.prepare --config configs/quickstart.py --config.data.source=arrow '
+        '--config.data.path=hf_dataset': Run(append(PROSE_DATA), expect=_prepared_all(len(_paragraphs()))),
+        'python -m jaxgpt.prepare --config configs/quickstart.py --config.data.source=warc --config.data.path=warc': Run(
+            append(PROSE_DATA), expect=_prepared_all(len(_paragraphs()))),
+        'python -m jaxgpt.prepare --config configs/quickstart.py --config.data.source=wikipedia '
+        '--config.data.path=enwiki-latest-pages-articles.xml.bz2': Run(
+            append(PROSE_DATA), expect=_prepared_all(len(_paragraphs()))),
+        'python -m jaxgpt.train --config configs/mixture.py --workdir runs/mixture': Run(
+            append({**QUICKSTART_TINY, 'train.eval_batches': 1}), expect=_mixture_shares_logged),
+        "python -m jaxgpt.prepare --config configs/quickstart.py --config.data.executor=beam --config.data.beam_args="
+        "'--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2'": Run(
+            append({**STDLIB_DATA, 'data.cache_dir': '~/.cache/jaxgpt-beam'}), expect=_prepared_as_locally),
+        "python -m jaxgpt.prepare --config configs/web_text.py --config.data.source=jsonl "
+        "--config.data.path=gs://my-bucket/data/corpus.jsonl --config.data.cache_dir=gs://my-bucket/cache "
+        "--config.data.executor=beam --config.data.beam_args='--runner=DataflowRunner --project=my-project "
+        "--region=us-central1 --temp_location=gs://my-bucket/beam-tmp "
+        "--extra_package=dist/jaxgpt-0.1.0-py3-none-any.whl'": NotHere(
+            'runs on Google Cloud Dataflow', _beam_cluster_command_parses),
+        "python -m jaxgpt.prepare --config configs/web_text.py --config.data.path=/shared/crawl "
+        "--config.data.executor=beam --config.data.beam_args='--runner=FlinkRunner --flink_master=flink-master:8081 "
+        "--environment_type=DOCKER --environment_config=my-registry/jaxgpt-beam:latest "
+        "--temp_location=/shared/beam-tmp'": NotHere('runs on a Flink cluster', _beam_cluster_command_parses),
+        "python -m jaxgpt.prepare --config configs/web_text.py --config.data.path=/shared/crawl "
+        "--config.data.executor=beam --config.data.beam_args='--runner=SparkRunner "
+        "--spark_master_url=spark://spark-master:7077 --environment_type=DOCKER "
+        "--environment_config=my-registry/jaxgpt-beam:latest --temp_location=/shared/beam-tmp'": NotHere(
+            'runs on a Spark cluster', _beam_cluster_command_parses),
     },
     'docs/finetuning.md': {
         'pip install -U huggingface_hub': NotHere('needs the package index', _hub_cli_installed),

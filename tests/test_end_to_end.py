@@ -110,6 +110,9 @@ CHAINS = {
         _evaluate('runs/web'),
         Step('runs/web: sample', 'python -m jaxgpt.sample --workdir runs/web --prompt "The "', Run()),
         *_serve_and_ask('runs/web', 'The '),
+        _evaluate('runs/mixture'),
+        Step('runs/mixture: sample', 'python -m jaxgpt.sample --workdir runs/mixture --prompt "The "', Run()),
+        *_serve_and_ask('runs/mixture', 'The '),
     ],
     'llama_tiny': [
         Step('runs/llama_tiny: train',
@@ -159,6 +162,8 @@ CONFIGS = {
                             FINETUNING['lora export']]),
     'web_text': ('data', [doc_step('docs/data.md', 'python -m jaxgpt.prepare --config configs/web_text.py '
                                                    '--config.data.path=~/crawl'), *_chain('data', 'runs/web')]),
+    'mixture': ('data', [doc_step('docs/data.md', 'python -m jaxgpt.train --config configs/mixture.py --workdir '
+                                                  'runs/mixture'), *_chain('data', 'runs/mixture')]),
 }
 
 

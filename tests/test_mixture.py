@@ -19,7 +19,7 @@ from jaxgpt.data import builder, corpus, mixture, pipeline
 
 ALPHABETS = {'web': 'abcdefgh', 'code': 'ijklmnop', 'books': 'QRSTUVWXYZ'}
 WEIGHTS = {'web': 0.7, 'code': 0.2, 'books': 0.1}
-SEQ_LEN, ROWS = 32, 8
+SEQ_LEN, ROWS = TINY_OVERRIDES['seq_len'], TINY_OVERRIDES['batch_size']  # the shapes other tests compile
 
 
 def _write_source(path: str, alphabet: str, seed: int) -> None:
@@ -162,3 +162,16 @@ def test_training_logs_and_reports_each_sources_share(mixture_config, prepared, 
     assert abs(entry['share'] - weight) < 0.02 and entry['weight'] == pytest.approx(weight)
     assert np.isfinite(entry['validation']['loss']) and entry['validation']['tokens'] > 0
   assert sum(e['tokens'] for e in saved['mixture'].values()) == 10 * ROWS * SEQ_LEN
+  # Resumed from the step-10 checkpoint, the counts go on from the saved ones.
+  config.train.num_steps = 12
+  resumed = train(config, str(tmp_path / 'run'))
+  assert sum(e['tokens'] for e in resumed['mixture'].values()) == 12 * ROWS * SEQ_LEN
+
+
+def test_the_mixture_config_validates_with_its_sources_own_settings():
+  from configs import mixture as mixture_config_file
+  config = mixture_config_file.get_config()
+  validate(config)
+  parts = mixture_parts(config.data)
+  assert {name: weight for name, (weight, _) in parts.items()} == {'web': 0.7, 'code': 0.2, 'notes': 0.1}
+  assert parts['web'][1].clean.unicode_form == 'NFKC' and parts['code'][1].clean.unicode_form == 'NFC'

@@ -10,11 +10,11 @@ produce the same tokens. torch gets as many threads as XLA:CPU uses (one per
 core). After a warm-up (compiling), each batch size is timed `rounds` times,
 the two libraries taking turns; medians are reported.
 
-The server part writes a run directory holding random parameters in the
-quickstart's shape (configs/quickstart.py; its tokenizer trained here on part
-of Python's standard library), starts `python -m jaxgpt.serve` on it with its
-default batching, and counts the completion tokens per second that one client,
-then `clients` concurrent clients (httpx), get back.
+The server part starts `python -m jaxgpt.serve` with its default batching on
+`--workdir`, or on a run directory it writes with random parameters in the
+quickstart's shape (configs/quickstart.py; the tokenizer trained here on part of
+Python's standard library), and counts the completion tokens per second that
+one client, then `clients` concurrent clients (httpx), get back.
 """
 
 import asyncio
@@ -48,6 +48,8 @@ flags.DEFINE_integer('new_tokens', 128, 'Greedy tokens generated per row.')
 flags.DEFINE_integer('rounds', 3, 'Timed runs per batch size and library.')
 flags.DEFINE_integer('clients', 0, 'Concurrent clients of the server part; 0 skips it.')
 flags.DEFINE_integer('requests', 2, 'Requests each server client sends, one after another.')
+flags.DEFINE_string('workdir', None, 'Run directory the server part serves (default: random weights in the '
+                    "quickstart's shape, in a temporary directory).")
 flags.DEFINE_integer('max_tokens', 64, 'max_tokens of each server request.')
 flags.DEFINE_float('top_p', 1.0, 'top_p of each server request (temperature is the API\'s default, 1).')
 FLAGS = flags.FLAGS
@@ -166,17 +168,21 @@ async def _clients(url: str, clients: int, requests: int) -> tuple[int, float]:
 
 def serve_under_load() -> None:
   import httpx
-  with tempfile.TemporaryDirectory() as workdir:
-    quickstart_run(workdir)
+  with tempfile.TemporaryDirectory() as scratch:
+    workdir = os.path.abspath(FLAGS.workdir) if FLAGS.workdir else scratch
+    if not FLAGS.workdir:
+      quickstart_run(workdir)
     port = _free_port()
+    log = open(os.path.join(scratch, 'server.log'), 'w+')  # a file, not a pipe that a chatty server could fill
     server = subprocess.Popen([sys.executable, '-m', 'jaxgpt.serve', '--workdir', workdir, '--port', str(port)],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}'
     try:
       deadline = time.time() + 300
       while True:
         if server.poll() is not None:
-          raise SystemExit(f'the server exited: {server.stderr.read()[-3000:]}')
+          log.seek(0)
+          raise SystemExit(f'the server exited: {log.read()[-3000:]}')
         try:
           if httpx.get(f'{url}/health', timeout=1).status_code == 200:
             break
@@ -185,7 +191,7 @@ def serve_under_load() -> None:
             raise SystemExit('the server did not answer /health within 300 s') from None
           time.sleep(0.5)
       asyncio.run(_clients(url, 1, 1))  # compiles the decode loop
-      print(f'\nserver (quickstart shape, random weights, its default batching): requests of '
+      print(f'\nserver ({FLAGS.workdir or "quickstart shape, random weights"}; its default batching): requests of '
             f'{FLAGS.max_tokens} tokens, temperature 1, top_p {FLAGS.top_p}')
       for clients, requests in ((1, 2 * FLAGS.requests), (FLAGS.clients, FLAGS.requests)):
         tokens, seconds = asyncio.run(_clients(url, clients, requests))
@@ -194,6 +200,7 @@ def serve_under_load() -> None:
     finally:
       server.terminate()
       server.wait(timeout=30)
+      log.close()
 
 
 def main(argv):

@@ -1,25 +1,27 @@
 """The cleaning stage as an Apache Beam pipeline: the same result as corpus.py, on many machines.
 
 `python -m jaxgpt.prepare --config ... --config.data.executor=beam --config.data.beam_args='--runner=...'`
-(docs/data.md, "Preparing on Apache Beam"). Workers read the source (a file tree's files; a JSONL file in byte ranges, numbered by a first
-pass that counts each range's lines; a TFDS source is read by the launching process), run the same `Cleaner`
-as the local executor, and deduplicate by the rule in dedup.py: exact duplicates by a GroupByKey on the text
-hash, near ones by a GroupByKey per LSH band key, whose groups yield the linked pairs (a spanning forest each).
-The connected groups are then found in ONE worker over all links (`dedup.keepers`): exactness matters more than
-elegance here, and the links are few (fewer than the near duplicates, whatever the corpus size), while label
-propagation in Beam would take as many shuffles of every document as the longest chain is long.
+(docs/data.md, "Preparing on Apache Beam"). This process streams the source's records through the source's
+own reader, as the local executor does, numbering them, into batch files under the pipeline's
+`--temp_location` (or the cache being built, when none is given): every kind of source then yields exactly the
+same records. The workers run the same `Cleaner` on them and deduplicate by the rule in dedup.py: exact
+duplicates by a GroupByKey on the text hash, near ones by a GroupByKey per LSH band key, whose groups yield the
+linked pairs (a spanning forest each). The connected groups are then found in ONE worker over all links
+(`dedup.keepers`): exactness matters more than elegance here, and the links are few (fewer than the near
+duplicates), while label propagation in Beam would shuffle every document once per link of the longest chain.
 
-Survivors are written sorted by source order in parts (`_DOCUMENTS_PER_PART` per file) under the pipeline's
-`--temp_location` (or the cache being built, when none is given), with the report's counts of what was read
-and dropped. This process then streams the parts in order through `corpus.write_kept`, as the local executor
-does: the split, the train/validation files, the kept/changed/flagged counts and the tokenizer and TFDS
-array_record files that follow are the local executor's code. A run killed midway leaves only a part directory
-with a fresh random name, which no later run reads.
+Survivors are written sorted by source order in parts (`_DOCUMENTS_PER_PART` per file) next to the batches,
+with the report's counts of what was read and dropped. This process then streams the parts in order through
+`corpus.write_kept`, as the local executor does: the split, the train/validation files, the kept/changed/
+flagged counts, and the tokenizer and TFDS array_record files that follow are the local executor's code. The
+scratch directory has a fresh random name and is removed at the end; a run killed midway leaves it, and no
+report.json, so no later run reads it.
 """
 
 import dataclasses
 import heapq
 import json
+import pickle
 import shlex
 import time
 import uuid
@@ -36,7 +38,8 @@ from jaxgpt.data.clean import Cleaner
 from jaxgpt.data.corpus import Survivor, write_kept
 from jaxgpt.data.report import Report
 
-_RANGE_BYTES = 64 << 20  # a JSONL file is read in ranges of this size, in parallel
+_RECORDS_PER_BATCH = 4096  # staged records per file, or fewer when they hold _BATCH_BYTES
+_BATCH_BYTES = 64 << 20
 _DOCUMENTS_PER_PART = 4096  # consecutive orders per output file: what one worker sorts in memory
 _EXAMPLES = 5  # examples kept per reason, smallest orders first: as many as the report shows
 _TALLIES_FILE = 'tallies.json'
@@ -51,8 +54,9 @@ def clean_corpus(source: sources.Source, data_cfg, directory: str, report: Repor
   parts.mkdir(parents=True)
   start = time.time()
   try:
+    batches = _stage_records(source, parts)
     with beam.Pipeline(options=options) as pipeline:
-      _clean(pipeline, source, data_cfg, str(parts))
+      _clean(pipeline, batches, data_cfg, str(parts))
     tallies = json.loads((parts / _TALLIES_FILE).read_text())
     errors = [message for (section, _), (_, _, examples) in tallies if section == 'error' for _, message, _ in examples]
     if errors:  # the local executor stops at the first; this is the same one, found after the others
@@ -75,10 +79,11 @@ def clean_corpus(source: sources.Source, data_cfg, directory: str, report: Repor
                       mb_per_s=report.read['bytes'] / 1e6 / seconds)
 
 
-def _clean(pipeline, source: sources.Source, data_cfg, parts: str) -> None:
-  """The pipeline: records -> Cleaner -> exact dedup -> near dedup -> sorted parts, and the tallies."""
+def _clean(pipeline, batches: list[str], data_cfg, parts: str) -> None:
+  """The pipeline: staged records -> Cleaner -> exact dedup -> near dedup -> sorted parts, and the tallies."""
   clean_cfg = data_cfg.clean
-  records = _records(pipeline, source, data_cfg) | 'Spread' >> beam.Reshuffle()
+  records = (pipeline | 'Batches' >> beam.Create(batches) | 'Spread batches' >> beam.Reshuffle()
+             | 'Records' >> beam.FlatMap(_read_batch) | 'Spread' >> beam.Reshuffle())
   outcomes, errors = records | 'Clean' >> beam.ParDo(_Clean(data_cfg.to_dict())).with_outputs('error', main='ok')
   tallies = [errors,
       records | 'Count read' >> beam.Map(lambda r: (('read', ''), (r[0], r[1].size, '', ''))),
@@ -111,38 +116,33 @@ def _clean(pipeline, source: sources.Source, data_cfg, parts: str) -> None:
        | 'Write tallies' >> beam.Map(lambda t: (paths.path(parts) / _TALLIES_FILE).write_text(json.dumps(t))))
 
 
-def _records(pipeline, source: sources.Source, data_cfg):
-  """(order, Record) for every record of the source, order being its position in source.records()."""
-  if not isinstance(source, sources.JsonLines):  # files are read by the workers; TFDS examples by this process
-    return pipeline | 'Records' >> beam.Create(list(enumerate(source.records())))
-  ranges = pipeline | 'Byte ranges' >> beam.Create(byte_ranges(paths.stat(source.root).size, _RANGE_BYTES))
-  counts = ranges | 'Count lines' >> beam.Map(lambda r: (r[0], sum(1 for _ in lines_in(source.root, *r))))
-  return ranges | 'Read lines' >> beam.FlatMap(numbered_records, source.root, data_cfg.id_field, data_cfg.max_docs,
-                                               beam.pvalue.AsDict(counts))
+def _stage_records(source: sources.Source, parts) -> list[str]:
+  """Writes (order, Record) for every record of the source, in batches, under `parts`; returns the batch files.
+
+  The source's own reader streams them, so every kind of source, its shards, compression, data.max_docs and
+  bad-shard handling give exactly the records the local executor reads, numbered alike. A file tree's records
+  are paths (its workers read the files); other records carry their raw text.
+  """
+  batches, batch, size = [], [], 0
+  for order, record in enumerate(source.records()):
+    batch.append((order, record))
+    size += record.size
+    if len(batch) == _RECORDS_PER_BATCH or size >= _BATCH_BYTES:
+      batches.append(_write_batch(parts, len(batches), batch))
+      batch, size = [], 0
+  if batch:
+    batches.append(_write_batch(parts, len(batches), batch))
+  return batches
 
 
-def byte_ranges(size: int, range_bytes: int) -> list[tuple[int, int]]:
-  return [(start, min(start + range_bytes, size)) for start in range(0, size, range_bytes)]
+def _write_batch(parts, number: int, batch: list) -> str:
+  path = parts / f'records-{number:09d}.pickle'
+  path.write_bytes(pickle.dumps(batch))
+  return str(path)
 
 
-def lines_in(file: str, start: int, end: int) -> Iterator[bytes]:
-  """The lines of `file` that start at a byte offset in [start, end), as iterating the file yields them."""
-  with paths.path(file).open('rb') as f:
-    if start:
-      f.seek(start - 1)
-      f.readline()  # the rest of the line holding byte start - 1: it starts in an earlier range
-    while f.tell() < end and (line := f.readline()):
-      yield line
-
-
-def numbered_records(byte_range, file: str, id_field: str, max_docs: int, counts: dict):
-  """(order, Record) for the lines starting in `byte_range`, as JsonLines.records() makes them; `counts` holds
-  the number of lines starting in each range, by the range's start."""
-  first = 1 + sum(n for start, n in counts.items() if start < byte_range[0])  # the range's first line number
-  for number, line in enumerate(lines_in(file, *byte_range), start=first):
-    if max_docs and number > max_docs:
-      return
-    yield number - 1, sources.Record(sources.jsonl_key(line, id_field), f'{file}:{number}', len(line), line)
+def _read_batch(path: str) -> list:
+  return pickle.loads(paths.path(path).read_bytes())
 
 
 class _Clean(beam.DoFn):

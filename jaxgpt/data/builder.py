@@ -161,8 +161,9 @@ def check_settings(data_cfg) -> None:
       ('format', data_cfg.format, instructions.FORMATS)):
     if value not in allowed:
       problems.append(f'data.{field}={value!r} is not one of {", ".join(map(repr, allowed))}')
-  if data_cfg.format != 'text' and data_cfg.source != 'jsonl':
-    problems.append(f"data.format={data_cfg.format!r} reads JSONL records: set data.source='jsonl'")
+  if data_cfg.format != 'text' and data_cfg.source not in ('jsonl', 'parquet', 'arrow'):
+    problems.append(f"data.format={data_cfg.format!r} reads records with fields: set data.source='jsonl' "
+                    "(or 'parquet', 'arrow')")
   if data_cfg.source == 'tfds' and not data_cfg.tfds_name:
     problems.append("data.source='tfds' needs data.tfds_name")
   if data_cfg.tokenizer.kind == 'byte_bpe' and not data_cfg.tokenizer.path:

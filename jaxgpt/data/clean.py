@@ -24,7 +24,7 @@ import numpy as np
 from datasketch import LeanMinHash, MinHash
 
 from jaxgpt import safety
-from jaxgpt.data import sources
+from jaxgpt.data import language, sources
 
 # C0 and C1 control characters, except tab, newline, vertical tab, form feed and carriage return.
 _CONTROL_CHARS = re.compile('[\x00-\x08\x0e-\x1f\x7f-\x9f]')
@@ -172,6 +172,9 @@ class Cleaner:
     lap('normalize')
     problem = quality_problem(text, self.clean)
     lap('quality filters')
+    if not problem and self.cfg.languages:
+      problem = language.language_problem(text, self.cfg)
+      lap('language')
     if problem:
       outcome.dropped, outcome.detail = problem
       return outcome
