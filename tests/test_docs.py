@@ -1133,7 +1133,7 @@ TABLE = {
                    '--minutes', '0.001'),
             expect=_sweep_rows),
         'python tools/bench_sample.py': Run('--new_tokens 8 --max_len 64 --rounds 1'),
-        'python tools/bench_data.py': Run('--small'),
+        'python tools/bench_data.py --mb 8': Run('--small'),
     },
     'docs/sharding.md': {
         "c.mesh.rules = (('vocab', None), ('act_vocab', None))": Snippet(

@@ -305,8 +305,8 @@ def main():
           f'{o} {v["mb"]} MB' for o, v in m['origins'].items()) + ')' for part, m in manifest.items()))
 
   results = {part: bench_part(part, corpus_dir, args) for part in PARTS}
-  stages = list(dict.fromkeys(stage for rows in results.values() for stage in rows))
-  stages.sort(key=lambda stage: not stage.startswith('1 process'))  # stably: per-document steps first
+  # The prose rows first: they have every step the code has, in order, and the safety steps.
+  stages = list(dict.fromkeys(stage for rows in sorted(results.values(), key=len, reverse=True) for stage in rows))
   width = max(map(len, stages))
   print(f'\n{"MB/s per core":<{width}}  ' + '  '.join(f'{part:>8}' for part in PARTS))
   for stage in stages:
