@@ -134,7 +134,7 @@ def evaluate(workdir: str, *, step: int | None = None, text: str = '', glob: str
     writer = MetricWriter(workdir)
     writer.scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
     writer.close()
-  return {**results, 'directory': str(directory)}
+  return {**results, 'directory': f'{workdir.rstrip("/")}/eval/step_{step}'}  # as the user named the run
 
 
 # --- command line ---------------------------------------------------------

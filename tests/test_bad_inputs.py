@@ -51,7 +51,7 @@ def _cases(root, data_cache, trained_run):
        None, 'no usable text in'),
       ('missing JSONL', 'jaxgpt.train',
        (*tiny, '--workdir', workdir, '--config.data.source=jsonl', f'--config.data.path={root / "nope.jsonl"}'),
-       None, 'nope.jsonl\' is not a file'),
+       None, 'nope.jsonl does not exist'),
       ('binary file in a text directory', 'jaxgpt.train',
        (*tiny, '--workdir', workdir, '--config.data.source=dir', f'--config.data.path={root / "texts"}',
         '--config.data.on_bad_utf8=error'), None, 'binary.txt is not valid UTF-8'),
