@@ -121,7 +121,7 @@ def attention_mask(segment_ids_BxT):
 CACHE_AXES = ('act_batch', 'act_heads', 'act_length', 'act_kv')
 
 
-def init_cache(cfg: 'ModelConfig', batch: int, length: int) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
   """Empty key/value cache of `length` slots: {'key', 'value'}, each a tuple of one B x G x S x K array per layer.
 
   One array per layer, not one stacked array: a decode step then updates each layer's
@@ -156,35 +156,40 @@ class AttentionPlan(NamedTuple):
   mask: str  # 'causal' (the kernel's causal flag), 'segments' (a dense mask: packed rows) or 'cache' (slots)
 
 
-def _cudnn_applies(cfg: 'ModelConfig') -> bool:
+def _cudnn_applies(cfg: ModelConfig) -> bool:
   """Whether cuDNN's flash attention takes this model on any GPU JAX supports: fp16/bf16, head dim <= 128, x8."""
   return cfg.dtype in ('bfloat16', 'float16') and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
 
 
-def attention_plan(cfg: 'ModelConfig', backend: str, packed: bool, cached: bool) -> AttentionPlan:
+def attention_plan(cfg: ModelConfig, backend: str, packed: bool, cached: bool, prompt: bool = False) -> AttentionPlan:
   """Which kernel computes attention, and how it is masked, for `model.attention` on `backend`.
 
   `packed`: rows may hold several documents (segment ids), so a token must not see the
-  documents before its own. `cached`: decoding over a key/value cache.
+  documents before its own. `cached`: a decode step, attending over a key/value cache.
+  `prompt`: a prefill, whose keys and values go into the cache.
 
-  - Decoding always attends over the cache slots with XLA (`cache_attention`).
-  - Otherwise one document per row needs only the kernel's causal flag. cuDNN then runs
-    its causal flash kernel; given a dense mask instead, JAX hands cuDNN a B x 1 x T x T
-    bias, which it reads (and differentiates) in full: the slow path.
+  - A decode step attends over the cache slots with XLA (`cache_attention`).
+  - One document per row needs only the kernel's causal flag. cuDNN then runs its causal
+    flash kernel; given a dense mask instead, JAX hands cuDNN a B x 1 x T x T bias, which
+    it reads (and differentiates) in full: the slow path.
   - Packed rows need a mask: JAX 0.10's `jax.nn.dot_product_attention` takes no segment
     ids, so on GPU 'auto' uses XLA for them; 'cudnn' insists and takes the bias path.
-  - 'splash' (TPU's Pallas kernel) handles causality and segments itself.
+  - 'splash' (TPU's Pallas kernel) handles causality and segments itself, on whole
+    training sequences: it tiles them by 128, so a prompt of any length takes 'auto'.
   - 'auto' is cuDNN on GPU where it applies (bf16/fp16, head dim <= 128, a multiple
     of 8), else XLA; 'cudnn' elsewhere is refused here, not deep inside XLA.
   """
   if cached:
     return AttentionPlan('xla', 'cache')
   mask = 'segments' if packed else 'causal'
-  if cfg.attention == 'splash':
+  attention = cfg.attention
+  if attention == 'splash':
     if backend == 'gpu':
       raise JaxgptError("model.attention='splash' is a TPU kernel; on GPU use 'cudnn' (or 'auto').")
-    return AttentionPlan('splash', 'segments')
-  if cfg.attention == 'cudnn':
+    if not prompt:
+      return AttentionPlan('splash', 'segments')
+    attention = 'auto'
+  if attention == 'cudnn':
     if backend != 'gpu':
       raise JaxgptError(f"model.attention='cudnn' needs an NVIDIA GPU, and JAX runs on {backend} here: "
                         "use 'auto' (or 'xla').")
@@ -192,7 +197,7 @@ def attention_plan(cfg: 'ModelConfig', backend: str, packed: bool, cached: bool)
       raise JaxgptError(f"model.attention='cudnn' computes in bfloat16 or float16, and model.dtype is "
                         f"{cfg.dtype!r}: set model.dtype='auto' (bfloat16 on GPU), or use attention='auto'.")
     return AttentionPlan('cudnn', mask)
-  if cfg.attention == 'auto' and backend == 'gpu' and not packed and _cudnn_applies(cfg):
+  if attention == 'auto' and backend == 'gpu' and not packed and _cudnn_applies(cfg):
     return AttentionPlan('cudnn', 'causal')
   return AttentionPlan('xla', mask)
 
@@ -254,15 +259,17 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
   deterministic: bool = True
+  prefill: bool = False  # also return the tokens' keys and values, for a cache
 
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
     """Returns (x, cache): the (carry, output) pair that nn.scan expects.
 
     Without a cache, attention is over the T tokens given (S = T); segment ids
-    None means one document per row. With a cache (this layer's {'key',
-    'value'}: B x G x S x K), the new keys and values are written at
-    `positions` and attention is over all S slots.
+    None means one document per row. A prefill returns the tokens' keys and
+    values ({'key', 'value'}: B x G x T x K) in place of a cache. With a cache
+    (this layer's {'key', 'value'}: B x G x S x K), the new keys and values are
+    written at `positions` and attention is over all S slots.
     """
     cfg = self.cfg
     B, T, D = x_BxTxD.shape
@@ -296,7 +303,11 @@ class Block(nn.Module):
       qkv.append(nn.with_logical_constraint(y_BxTxHxK, ('act_batch', 'act_length', 'act_heads', 'act_kv')))
     query_BxTxHxK, key_BxTxGxK, value_BxTxGxK = qkv
     # Grouped-query attention: every path shares each kv head across H // G query heads.
-    plan = attention_plan(cfg, jax.default_backend(), packed=segment_ids_BxT is not None, cached=cache is not None)
+    plan = attention_plan(cfg, jax.default_backend(), packed=segment_ids_BxT is not None, cached=cache is not None,
+                          prompt=self.prefill)
+    if self.prefill:
+      cache = {name: nn.with_logical_constraint(jnp.swapaxes(new, 1, 2), CACHE_AXES)
+               for name, new in (('key', key_BxTxGxK), ('value', value_BxTxGxK))}
     if plan.mask == 'cache':
       rows_Bx1 = jnp.arange(B)[:, None]
       # cache[rows, :, positions] is B x T x G x K: the new keys and values go in as computed.
@@ -345,8 +356,12 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None,
-               deterministic: bool = True, cache=None, return_hidden: bool = False):
+               deterministic: bool = True, cache=None, prefill: bool = False, return_hidden: bool = False):
     """Returns float32 logits [B, T, V], or (logits, updated cache) when given a cache.
+
+    A prefill returns (logits, kv): each layer's keys and values of the tokens
+    ({'key', 'value'}: tuples of one B x G x T x K array per layer), for the
+    first T slots of a cache (`init_cache`).
 
     With return_hidden, returns (final hidden states [B*T, D] in float32, output
     projection [D, V]) instead of logits, for a loss that never holds all the
@@ -360,9 +375,9 @@ class GPT(nn.Module):
     """
     cfg = self.cfg
     B, T = tokens_BxT.shape
-    if cache is not None and cfg.scan_layers:
-      raise ValueError('a model with scanned layers decodes through `unscanned(model, params)`: scanned, every '
-                       'step would copy each layer out of the stacked cache and weights.')
+    if cache is not None and (cfg.scan_layers or prefill):
+      raise ValueError('a cache is read and written by decode steps of a model with unrolled layers '
+                       '(`unscanned(model, params)`); a prefill starts a new one.')
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
 
@@ -382,16 +397,18 @@ class GPT(nn.Module):
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, _ = stack(cfg, deterministic, name='blocks')(x_BxTxD, segment_ids_BxT, positions_BxT)
+      x_BxTxD, kv = stack(cfg, deterministic, prefill, name='blocks')(x_BxTxD, segment_ids_BxT, positions_BxT)
+      if prefill:  # stacked L x B x G x T x K by the scan
+        cache = {name: tuple(layers[i] for i in range(cfg.num_layers)) for name, layers in kv.items()}
     else:
       layer_caches = []
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else {name: layers[i] for name, layers in cache.items()}
-        x_BxTxD, layer_cache = block(cfg, deterministic, name=f'block_{i}')(
+        x_BxTxD, layer_cache = block(cfg, deterministic, prefill, name=f'block_{i}')(
             x_BxTxD, segment_ids_BxT, positions_BxT, layer_cache)
         layer_caches.append(layer_cache)
-      if cache is not None:
-        cache = {name: tuple(layer[name] for layer in layer_caches) for name in cache}
+      if cache is not None or prefill:
+        cache = {name: tuple(layer[name] for layer in layer_caches) for name in ('key', 'value')}
 
     x_NxD = Norm(cfg.norm, name='ln_final')(x_BxTxD).reshape(B * T, -1).astype(jnp.float32)
     if cfg.tie_embeddings:  # GPT-2 reuses the input embedding as the output projection
@@ -403,7 +420,7 @@ class GPT(nn.Module):
     # Logits in float32 so the softmax is stable in bf16 runs.
     logits_BxTxV = (x_NxD @ head_DxV).reshape(B, T, cfg.vocab_size)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ('act_batch', 'act_length', 'act_vocab'))
-    return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+    return logits_BxTxV if cache is None else (logits_BxTxV, cache)  # or a prefill's keys and values
 
 
 def unscanned(model: GPT, params) -> tuple[GPT, dict]:

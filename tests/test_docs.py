@@ -1138,7 +1138,7 @@ TABLE = {
                    '--minutes', '0.001'),
             expect=_sweep_rows),
         # The quickstart flow's tiny run, served; no tokenizer trained for a random one.
-        'python tools/bench_decode.py --clients 50': Run('--batches 1,2 --new_tokens 4 --rounds 1 --clients 2 '
+        'python tools/bench_decode.py --clients 50': Run('--batches 1 --new_tokens 4 --rounds 1 --clients 2 '
                                                          '--requests 1 --max_tokens 4 --workdir runs/quickstart'),
         'python tools/bench_data.py --mb 8': Run('--small'),
     },

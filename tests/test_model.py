@@ -195,24 +195,27 @@ def test_bfloat16_compute_keeps_float32_parameters_and_matches_float32(cfg):
   assert np.abs(np.asarray(half_logits - full_logits)).max() > 0  # it did compute in bf16
 
 
-@pytest.mark.parametrize('attention,backend,changes,packed,cached,expected', [
-    ('auto', 'gpu', {}, False, False, ('cudnn', 'causal')),  # cuDNN's causal kernel: no dense mask, no bias
-    ('auto', 'gpu', {}, True, False, ('xla', 'segments')),  # JAX's cuDNN call takes no segment ids
-    ('auto', 'gpu', {'dtype': 'float32'}, False, False, ('xla', 'causal')),  # cuDNN flash attention: fp16/bf16
-    ('auto', 'gpu', {'embed_dim': 320, 'num_heads': 2}, False, False, ('xla', 'causal')),  # head dim 160 > 128
-    ('auto', 'gpu', {}, False, True, ('xla', 'cache')),  # decoding attends over the cache slots
-    ('auto', 'tpu', {}, False, False, ('xla', 'causal')),
-    ('auto', 'cpu', {'dtype': 'float32'}, True, False, ('xla', 'segments')),
-    ('cudnn', 'gpu', {}, False, False, ('cudnn', 'causal')),
-    ('cudnn', 'gpu', {}, True, False, ('cudnn', 'segments')),  # insisted on: the slow bias path
-    ('xla', 'gpu', {}, False, False, ('xla', 'causal')),
-    ('splash', 'tpu', {}, True, False, ('splash', 'segments')),
-    ('splash', 'tpu', {}, False, True, ('xla', 'cache')),
+@pytest.mark.parametrize('attention,backend,changes,packed,decoding,expected', [
+    ('auto', 'gpu', {}, False, None, ('cudnn', 'causal')),  # cuDNN's causal kernel: no dense mask, no bias
+    ('auto', 'gpu', {}, True, None, ('xla', 'segments')),  # JAX's cuDNN call takes no segment ids
+    ('auto', 'gpu', {'dtype': 'float32'}, False, None, ('xla', 'causal')),  # cuDNN flash attention: fp16/bf16
+    ('auto', 'gpu', {'embed_dim': 320, 'num_heads': 2}, False, None, ('xla', 'causal')),  # head dim 160 > 128
+    ('auto', 'gpu', {}, False, 'prompt', ('cudnn', 'causal')),  # a prefill attends as training does
+    ('auto', 'gpu', {}, False, 'step', ('xla', 'cache')),  # a decode step attends over the cache slots
+    ('auto', 'tpu', {}, False, None, ('xla', 'causal')),
+    ('auto', 'cpu', {'dtype': 'float32'}, True, None, ('xla', 'segments')),
+    ('cudnn', 'gpu', {}, False, None, ('cudnn', 'causal')),
+    ('cudnn', 'gpu', {}, True, None, ('cudnn', 'segments')),  # insisted on: the slow bias path
+    ('xla', 'gpu', {}, False, None, ('xla', 'causal')),
+    ('splash', 'tpu', {}, True, None, ('splash', 'segments')),
+    ('splash', 'tpu', {}, False, 'prompt', ('xla', 'causal')),  # a prompt of any length; splash tiles by 128
+    ('splash', 'tpu', {}, False, 'step', ('xla', 'cache')),
 ])
 def test_attention_plan_takes_cudnn_with_the_causal_flag_where_it_applies(attention, backend, changes, packed,
-                                                                          cached, expected):
+                                                                          decoding, expected):
   cfg = dataclasses.replace(CFG, attention=attention, **{'dtype': 'bfloat16', **changes})
-  assert tuple(attention_plan(cfg, backend, packed=packed, cached=cached)) == expected
+  plan = attention_plan(cfg, backend, packed=packed, cached=decoding == 'step', prompt=decoding == 'prompt')
+  assert tuple(plan) == expected
 
 
 @pytest.mark.parametrize('attention,backend,dtype,message', [

@@ -40,12 +40,15 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(cfg):
   decoder, decoder_params = unscanned(model, params)
   apply_cached = jax.jit(lambda tokens, positions, cache: decoder.apply(
       {'params': decoder_params}, tokens, positions_BxT=positions, cache=cache))
-  # Prefill 7 tokens into a 32-slot cache, then feed the rest one at a time.
+  # Prefill 7 tokens (the model as trained, returning each layer's keys and values for the cache's first
+  # slots), feed 3 through the cache at once, then the rest one at a time.
+  logits, kv = jax.jit(lambda tokens: model.apply({'params': params}, tokens, prefill=True))(tokens_BxT[:, :7])
+  cache = {name: tuple(empty.at[:, :, :7].set(new) for empty, new in zip(layers, kv[name]))
+           for name, layers in init_cache(cfg, 2, 32).items()}
   positions = jnp.broadcast_to(jnp.arange(20), (2, 20))
-  logits, cache = apply_cached(tokens_BxT[:, :7], positions[:, :7], init_cache(cfg, 2, 32))
   pieces = [logits]
-  for t in range(7, 20):
-    logits, cache = apply_cached(tokens_BxT[:, t:t + 1], positions[:, t:t + 1], cache)
+  for start, end in [(7, 10), *((t, t + 1) for t in range(10, 20))]:
+    logits, cache = apply_cached(tokens_BxT[:, start:end], positions[:, start:end], cache)
     pieces.append(logits)
   cached_BxTxV = jnp.concatenate(pieces, axis=1)
   scale = float(jnp.abs(full_BxTxV).max())

@@ -10,11 +10,12 @@ produce the same tokens. torch gets as many threads as XLA:CPU uses (one per
 core). After a warm-up (compiling), each batch size is timed `rounds` times,
 the two libraries taking turns; medians are reported.
 
-The server part starts `python -m jaxgpt.serve` with its default batching on
-`--workdir`, or on a run directory it writes with random parameters in the
-quickstart's shape (configs/quickstart.py; the tokenizer trained here on part of
-Python's standard library), and counts the completion tokens per second that
-one client, then `clients` concurrent clients (httpx), get back.
+The server part starts `python -m jaxgpt.serve` (its default batching unless
+`--max_batch` is given) on `--workdir`, or on a run directory it writes with
+random parameters in the quickstart's shape (configs/quickstart.py; the
+tokenizer trained here on part of Python's standard library), and counts the
+completion tokens per second that one client, then `clients` concurrent
+clients (httpx), get back.
 """
 
 import asyncio
@@ -51,17 +52,15 @@ flags.DEFINE_integer('requests', 2, 'Requests each server client sends, one afte
 flags.DEFINE_string('workdir', None, 'Run directory the server part serves (default: random weights in the '
                     "quickstart's shape, in a temporary directory).")
 flags.DEFINE_integer('max_tokens', 64, 'max_tokens of each server request.')
+flags.DEFINE_integer('max_batch', 0, "The server's --max_batch (0: its default).")
 flags.DEFINE_float('top_p', 1.0, 'top_p of each server request (temperature is the API\'s default, 1).')
 FLAGS = flags.FLAGS
 
 
-def _median_time(run, rounds: int) -> float:
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _seconds(run) -> float:
+  start = time.perf_counter()
+  run()
+  return time.perf_counter() - start
 
 
 # --- jaxgpt against transformers ------------------------------------------------------------------
@@ -116,8 +115,8 @@ def compare_with_transformers() -> None:
       raise SystemExit(f'batch {batch}: jaxgpt and transformers decode different tokens in rows {rows.tolist()}')
     times = {'jaxgpt': [], 'transformers': []}
     for _ in range(FLAGS.rounds):  # taking turns, so a busy moment of the machine hits both
-      times['jaxgpt'].append(_median_time(jaxgpt_tokens, 1))
-      times['transformers'].append(_median_time(transformers_tokens, 1))
+      times['jaxgpt'].append(_seconds(jaxgpt_tokens))
+      times['transformers'].append(_seconds(transformers_tokens))
     rate = {name: batch * FLAGS.new_tokens / statistics.median(t) for name, t in times.items()}
     print(f'| {batch} | {rate["jaxgpt"]:,.0f} | {rate["transformers"]:,.0f} | '
           f'{rate["jaxgpt"] / rate["transformers"]:.2f}x |', flush=True)
@@ -174,8 +173,9 @@ def serve_under_load() -> None:
       quickstart_run(workdir)
     port = _free_port()
     log = open(os.path.join(scratch, 'server.log'), 'w+')  # a file, not a pipe that a chatty server could fill
-    server = subprocess.Popen([sys.executable, '-m', 'jaxgpt.serve', '--workdir', workdir, '--port', str(port)],
-                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    batching = [f'--max_batch={FLAGS.max_batch}'] if FLAGS.max_batch else []
+    server = subprocess.Popen([sys.executable, '-m', 'jaxgpt.serve', '--workdir', workdir, '--port', str(port),
+                               *batching], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}'
     try:
       deadline = time.time() + 300
@@ -191,8 +191,9 @@ def serve_under_load() -> None:
             raise SystemExit('the server did not answer /health within 300 s') from None
           time.sleep(0.5)
       asyncio.run(_clients(url, 1, 1))  # compiles the decode loop
-      print(f'\nserver ({FLAGS.workdir or "quickstart shape, random weights"}; its default batching): requests of '
-            f'{FLAGS.max_tokens} tokens, temperature 1, top_p {FLAGS.top_p}')
+      print(f'\nserver ({FLAGS.workdir or "quickstart shape, random weights"}; '
+            f'{f"--max_batch={FLAGS.max_batch}" if FLAGS.max_batch else "its default batching"}): '
+            f'requests of {FLAGS.max_tokens} tokens, temperature 1, top_p {FLAGS.top_p}')
       for clients, requests in ((1, 2 * FLAGS.requests), (FLAGS.clients, FLAGS.requests)):
         tokens, seconds = asyncio.run(_clients(url, clients, requests))
         print(f'{clients} client(s) x {requests} requests: {tokens / seconds:,.0f} tokens/s '
