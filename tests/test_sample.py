@@ -1,7 +1,6 @@
 """KV-cache decoding: the same numbers as the full forward pass, for every architecture option."""
 
 import dataclasses
-import textwrap
 
 import flax.linen as nn
 import jax
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import LLAMA_OPTIONS, REPO, architecture_variants, run_module
+from conftest import LLAMA_OPTIONS, architecture_variants, run_module
 from jaxgpt.config import JaxgptError
 from jaxgpt.model import GPT, ModelConfig, init_cache, unscanned
 from jaxgpt.sample import (DEFAULT_MAX_NEW_TOKENS, Sampling, _cutoffs, fitting_max_new_tokens, generate, sample_tokens,
@@ -209,35 +208,3 @@ def test_a_long_prompt_keeps_its_end():
   out = generate(model, params, [long_prompt], Sampling(max_new_tokens=8), eos_id=EOS)[0]
   tail = generate(model, params, [long_prompt[-40:]], Sampling(max_new_tokens=8), eos_id=EOS)[0]
   assert out.tokens == tail.tokens and len(out.tokens) == 8
-
-
-def test_sharded_params_decode_like_one_device(tmp_path):
-  """Params sharded over fsdp x tensor (4 fake CPU devices) give the same greedy tokens."""
-  script = tmp_path / 'sharded_decode.py'
-  script.write_text(textwrap.dedent('''
-      import jax
-      jax.config.update('jax_num_cpu_devices', 4)
-      import flax.linen as nn, jax.numpy as jnp
-      import dataclasses
-      from jaxgpt import sharding
-      from jaxgpt.model import GPT, ModelConfig
-      from jaxgpt.sample import Sampling, generate
-      cfg = ModelConfig(vocab_size=96, max_len=48, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-                        mlp_dim=64, position='rope', norm='rmsnorm', mlp='swiglu', tie_embeddings=False)
-      model = GPT(cfg)
-      boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
-      params = jax.tree.map(lambda x: x * 8.0, nn.unbox(boxed))
-      prompts = [[1, 5, 17, 33], [1, 40, 41, 42, 43, 44], [1], [1, 9]]
-      one = generate(model, params, prompts, Sampling(max_new_tokens=12), eos_id=2)
-      mesh = sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2})
-      shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-      sharded = jax.device_put(params, shardings)
-      assert len(sharded['token_embedding'].sharding.device_set) == 4
-      with sharding.activation_rules(mesh):
-        many = generate(model, sharded, prompts, Sampling(max_new_tokens=12), eos_id=2)
-      assert [o.tokens for o in one] == [m.tokens for m in many], (one, many)
-      print('same tokens', [o.tokens for o in one])
-  '''))
-  result = run_module(str(script.relative_to(tmp_path)).removesuffix('.py'), env={'PYTHONPATH': f'{tmp_path}:{REPO}'})
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'same tokens' in result.stdout
