@@ -22,6 +22,7 @@ import safetensors.numpy
 from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 from jaxgpt.data.tokenizer import load_byte_level_bpe
+from jaxgpt.model import unstacked_layers
 
 HF_CONFIG = 'config.json'
 HF_WEIGHTS = 'model.safetensors'
@@ -235,11 +236,7 @@ def stacked(params: dict) -> dict:
 
 def params_in_layout(params: dict, scan_layers: bool) -> dict:
   """Stacked params as the model wants them: stacked (nn.scan), or one 'block_{i}' per layer."""
-  if scan_layers:
-    return params
-  rest = {k: v for k, v in params.items() if k != 'blocks'}
-  num_layers = jax.tree.leaves(params['blocks'])[0].shape[0]
-  return {**rest, **{f'block_{i}': jax.tree.map(lambda x: x[i], params['blocks']) for i in range(num_layers)}}
+  return params if scan_layers else unstacked_layers(params)
 
 
 # --- whole checkpoints ---------------------------------------------------------------------------

@@ -433,9 +433,14 @@ def unscanned(model: GPT, params) -> tuple[GPT, dict]:
   """
   if not model.cfg.scan_layers:
     return model, params
-  layers = {f'block_{i}': jax.tree.map(lambda x: x[i], params['blocks']) for i in range(model.cfg.num_layers)}
-  return GPT(dataclasses.replace(model.cfg, scan_layers=False)), {
-      **{k: v for k, v in params.items() if k != 'blocks'}, **layers}
+  return GPT(dataclasses.replace(model.cfg, scan_layers=False)), unstacked_layers(params)
+
+
+def unstacked_layers(params: dict) -> dict:
+  """Params whose layers are stacked under 'blocks' (nn.scan) as one 'block_{i}' per layer."""
+  num_layers = jax.tree.leaves(params['blocks'])[0].shape[0]
+  return {**{k: v for k, v in params.items() if k != 'blocks'},
+          **{f'block_{i}': jax.tree.map(lambda x: x[i], params['blocks']) for i in range(num_layers)}}
 
 
 def build_model(config, vocab_size: int) -> GPT:
