@@ -1,17 +1,19 @@
 """Bad inputs to every command: each exits non-zero with one readable line naming the problem.
 
 The table is docs/troubleshooting.md's, case for case. The commands run as real
-subprocesses, a few at a time, since each spends most of its time importing JAX.
+processes, a few at a time, forked from one that has imported JAX (tests/forked_cli.py):
+importing is most of a command's time.
 """
 
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import subprocess
+import sys
 
 import pytest
 
-from conftest import REPO, TINY_OVERRIDES, override_args, run_module
+from conftest import REPO, TINY_OVERRIDES, override_args
 
 QUICKSTART = ('--config', 'configs/quickstart.py')
 TWO_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
@@ -120,9 +122,19 @@ def outcomes(tmp_path_factory, data_cache, trained_run):
   shared = str(root / 'run')
   cases = [(name, module, tuple(str(root / 'runs' / name.replace(' ', '_')) if a == shared else a for a in args),
             env, message) for name, module, args, env, message in _cases(root, data_cache, trained_run)]
-  with ThreadPoolExecutor(max_workers=3) as pool:
-    results = pool.map(lambda c: run_module(c[1], *c[2], env=c[3]), cases)
-    return {case[0]: (case, result) for case, result in zip(cases, results)}
+  return {case[0]: (case, result) for case, result in zip(cases, run_forked(root, cases))}
+
+
+def run_forked(root, cases) -> list[subprocess.CompletedProcess]:
+  """Each case's command as a real process, forked from one that imported JAX once (tests/forked_cli.py)."""
+  cases_path, results_path = root / 'cases.json', root / 'results.json'
+  cases_path.write_text(json.dumps([{'module': module, 'args': list(args), 'env': env}
+                                    for _, module, args, env, _ in cases]))
+  run = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'forked_cli.py'), str(cases_path),
+                        str(results_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  return [subprocess.CompletedProcess(case[1], r['returncode'], r['stdout'], r['stderr'])
+          for case, r in zip(cases, json.loads(results_path.read_text()))]
 
 
 def _documented_commands() -> set[str]:
