@@ -12,6 +12,7 @@ tokenizes; they also let a user read exactly what the model will see.
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -74,18 +75,27 @@ def _cleaned(records: Iterator[sources.Record], data_cfg, workers: int):
     yield map(Cleaner(data_cfg), records)
     return
   # forkserver, not fork: the training process has JAX's threads running, and
-  # forking a multithreaded process can deadlock.
+  # forking a multithreaded process can deadlock. An executor, not a Pool: a worker
+  # that dies (killed for memory, say) fails the futures instead of hanging the run.
   context = multiprocessing.get_context('forkserver')
-  with context.Pool(workers, initializer=_start_worker, initargs=(data_cfg.to_dict(),)) as pool:
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                              initargs=(data_cfg.to_dict(),)) as pool:
+
+    def result(future) -> list[Outcome]:
+      try:
+        return future.result()
+      except concurrent.futures.process.BrokenProcessPool as e:
+        raise JaxgptError(f'a data cleaning worker process died ({e}); the machine may be out of memory. '
+                          'Lower data.num_workers, or free memory, and run again.') from e
 
     def ordered():
       pending = collections.deque()
       for batch in batched(records, _RECORDS_PER_TASK):
-        pending.append(pool.apply_async(_clean_in_worker, (batch,)))
+        pending.append(pool.submit(_clean_in_worker, batch))
         if len(pending) >= workers * _TASKS_IN_FLIGHT_PER_WORKER:
-          yield from pending.popleft().get()
+          yield from result(pending.popleft())
       while pending:
-        yield from pending.popleft().get()
+        yield from result(pending.popleft())
 
     yield ordered()
 
