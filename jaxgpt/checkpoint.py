@@ -13,6 +13,7 @@ a lost connection to a bucket) is not damage: it is tried again, and if it keeps
 failing the run stops without moving anything.
 """
 
+import dataclasses
 import errno
 import re
 import time
@@ -27,14 +28,17 @@ from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 
 # The model fields that decide the parameters' shapes: a base model (init_from) must agree on them.
-PARAM_SHAPE_FIELDS = ('num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len',
-                      'position', 'norm', 'mlp', 'use_bias', 'tie_embeddings')
+# The model settings a user states (and a base model must match); the switches that add weights follow.
+STATED_SHAPE_FIELDS = ('num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len',
+                       'position', 'norm', 'mlp', 'use_bias', 'tie_embeddings')
+PARAM_SHAPE_FIELDS = STATED_SHAPE_FIELDS + ('qkv_bias', 'mlp_bias', 'output_bias', 'shared_norm')
 # The fields whose change makes an old checkpoint unusable for the new config: those shapes, and whether the
 # layers' parameters are stacked into one array per weight (scan_layers). A base model's parameters are
 # converted to the config's layout as they load, so a base model need not agree on that.
 SHAPE_FIELDS = PARAM_SHAPE_FIELDS + ('scan_layers',)
 # Fields that checkpoints record only since a later version: one without them was written with these values.
-_UNRECORDED_SHAPE_FIELDS = {'scan_layers': True}
+_UNRECORDED_SHAPE_FIELDS = {'scan_layers': True, 'qkv_bias': False, 'mlp_bias': False, 'output_bias': False,
+                            'shared_norm': False}
 
 # Pauses before reading a step again after a storage error that may pass (about half a minute in all).
 RETRY_PAUSES_SECONDS = (2, 4, 8, 16)
@@ -70,17 +74,29 @@ class StorageUnavailable(JaxgptError):
                      'the same command again when the storage is back.')
 
 
+@dataclasses.dataclass
+class _KeepStep(ocp.checkpoint_managers.PreservationPolicy):
+  """Preserves one step, which may change as the run goes (the best validation's); None preserves none."""
+  step: int | None = None
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    return [checkpoint.step == self.step for checkpoint in checkpoints]
+
+
 class Checkpointer:
   """A run's checkpoints. Given `keep`, it writes: it keeps the `keep` newest steps (and every
-  step that is a multiple of `keep_every`, if set) and removes what killed runs left unfinished.
-  Without `keep` it only reads, and never touches a save that a running training is writing."""
+  step that is a multiple of `keep_every`, if set, and the step given to `keep_also`) and removes
+  what killed runs left unfinished. Without `keep` it only reads, and never touches a save that a
+  running training is writing."""
 
   def __init__(self, workdir: str, keep: int | None = None, keep_every: int = 0):
     self.directory = paths.path(workdir) / 'checkpoints'  # a local path or a bucket URL
+    self._kept = _KeepStep()
     if keep is None:
       options = ocp.CheckpointManagerOptions(create=False)  # (read_only=True logs a warning on every use)
     else:
-      policies = [ocp.checkpoint_managers.LatestN(keep)]
+      policies = [ocp.checkpoint_managers.LatestN(keep), self._kept]
       if keep_every:
         policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
       options = ocp.CheckpointManagerOptions(
@@ -96,6 +112,10 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def keep_also(self, step: int | None) -> None:
+    """Keeps `step` (the best validation's) through every later rotation, in place of the step kept before."""
+    self._kept.step = step
 
   def save(self, step: int, state, data_iterator, meta: dict) -> None:
     """`data_iterator` None: no data position (a converted checkpoint, never trained here)."""

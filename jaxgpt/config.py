@@ -56,9 +56,10 @@ def base_config() -> ConfigDict:
   c.data.instruction_field = ''
   c.data.response_field = ''
   c.data.instruction_format = '<|user|>\n{instruction}\n<|assistant|>\n{response}'
-  # Instruction tuning: 'alpaca' (instruction, optional input, output) or 'chat' (messages with roles)
-  # JSONL, rendered with data.template; only the responses (and their end markers) are trained on.
-  c.data.format = 'text'  # 'text' (text_field, or instruction_field + response_field), 'alpaca' or 'chat'
+  # Instruction tuning: 'alpaca' (instruction, optional input, output) or 'chat' (messages with roles, or ShareGPT
+  # conversations) JSONL, rendered with data.template; only the responses (and their end markers) are trained on.
+  # 'preference': pairs {"prompt", "chosen", "rejected"} for train.objective='dpo' (docs/finetuning.md).
+  c.data.format = 'text'  # 'text' (text_field, or instruction_field + response_field), 'alpaca', 'chat', 'preference'
   c.data.template = ml_collections.ConfigDict()
   c.data.template.system = '<|system|>\n{content}\n'
   c.data.template.user = '<|user|>\n{content}\n'
@@ -87,12 +88,21 @@ def base_config() -> ConfigDict:
   c.data.mixture = ml_collections.ConfigDict()
 
   c.data.tokenizer = ml_collections.ConfigDict()
-  c.data.tokenizer.kind = 'sentencepiece'  # 'sentencepiece' (trained here) or 'byte_bpe' (GPT-2 style, loaded)
+  # 'sentencepiece' (trained here, or an existing model at path), 'byte_bpe' (a Hugging Face tokenizer.json: GPT-2,
+  # Llama 3, ...) or 'tiktoken' (a local .tiktoken file; jaxgpt[tiktoken]); docs/data.md.
+  c.data.tokenizer.kind = 'sentencepiece'
   c.data.tokenizer.model_type = 'bpe'  # sentencepiece: 'bpe' or 'unigram'
-  # sentencepiece: pieces never split, e.g. ('<|endoftext|>', '<|user|>', '<|assistant|>') for chat data.
+  # sentencepiece, tiktoken: tokens never split, e.g. ('<|endoftext|>', '<|user|>', '<|assistant|>') for chat data
+  # (added to the vocabulary; an existing SentencePiece model must already have them).
   c.data.tokenizer.special_tokens = ()
-  c.data.tokenizer.path = ''  # byte_bpe: a tokenizer.json, or a directory with vocab.json + merges.txt
-  c.data.tokenizer.eos_token = '<|endoftext|>'  # byte_bpe: frames every document (GPT-2 uses it as BOS and EOS)
+  # sentencepiece: a tokenizer.model to use instead of training one ('' = train); byte_bpe: a tokenizer.json, or a
+  # directory with vocab.json + merges.txt; tiktoken: a .tiktoken file.
+  c.data.tokenizer.path = ''
+  c.data.tokenizer.eos_token = '<|endoftext|>'  # byte_bpe, tiktoken: ends every document
+  c.data.tokenizer.bos_token = ''  # byte_bpe, tiktoken: begins every document ('' = eos_token, as GPT-2 does)
+  # tiktoken: the regex that splits text before BPE, or the OpenAI encoding whose regex to use ('cl100k_base');
+  # '' = that of the encoding the file is named after (cl100k_base.tiktoken, ...).
+  c.data.tokenizer.pattern = ''
 
   # Cleaning, in this order; every step that changes or drops a document is counted in report.json.
   # Defaults suit the quickstart's code; configs/web_text.py shows Gopher/C4-style settings for prose.
@@ -140,6 +150,12 @@ def base_config() -> ConfigDict:
   c.lora.dropout = 0.0  # in training, each entry of A is dropped with this probability (one mask per step)
   # The kernels adapted: any of 'query', 'key', 'value', 'out', 'mlp_up', 'mlp_down', 'mlp_gate' (SwiGLU only).
   c.lora.targets = ('query', 'key', 'value', 'out')
+  # DPO (jaxgpt/preference.py, train.objective='dpo'): init_from tuned toward the chosen responses of preference
+  # pairs, against init_from itself, frozen, as the reference (with LoRA: the same weights, adapters off).
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1  # the implicit reward is beta * log(policy / reference): larger keeps closer to the reference
+  c.dpo.label_smoothing = 0.0  # the share of pairs taken to be mislabelled (conservative DPO); loss='sigmoid' only
+  c.dpo.loss = 'sigmoid'  # 'sigmoid' (DPO) or 'ipo' (IPO: squared, on per-token mean log-ratios)
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
@@ -151,9 +167,24 @@ def base_config() -> ConfigDict:
   # GPT-2 by default; 'rope' + 'rmsnorm' + 'swiglu' + no bias + untied output is Llama-style.
   c.model.position = 'learned'  # 'learned' or 'rope'
   c.model.rope_theta = 10000.0
+  c.model.rotary_dim = 0  # RoPE rotates each head's first rotary_dim dimensions (GPT-J, GPT-NeoX); 0 = all
+  c.model.rope_interleaved = False  # RoPE pairs dimensions (2i, 2i+1) (GPT-J), not (i, i+R/2) (Llama, NeoX)
+  # 'none' or 'llama3' (Llama 3.1+: wavelengths past rope_original_max_len / low_freq_factor stretched by factor)
+  c.model.rope_scaling = 'none'
+  c.model.rope_scaling_factor = 8.0
+  c.model.rope_low_freq_factor = 1.0
+  c.model.rope_high_freq_factor = 4.0
+  c.model.rope_original_max_len = 8192
+  c.model.sliding_window = 0  # >0: a token attends to itself and the sliding_window - 1 before it (Mistral)
   c.model.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'
-  c.model.mlp = 'gelu'  # 'gelu' or 'swiglu'
-  c.model.use_bias = True
+  c.model.norm_epsilon = 1e-5
+  c.model.mlp = 'gelu'  # 'gelu' (tanh approximation: GPT-2), 'gelu_exact' (erf: GPT-NeoX) or 'swiglu'
+  c.model.use_bias = True  # biases on every projection
+  c.model.qkv_bias = False  # biases on query, key and value even without use_bias (Qwen2)
+  c.model.mlp_bias = False  # biases in the MLP even without use_bias (GPT-J)
+  c.model.output_bias = False  # a bias on the output projection (GPT-J)
+  c.model.parallel_residual = False  # x + attn(norm(x)) + mlp(norm(x)) (GPT-J, GPT-NeoX), not one after the other
+  c.model.shared_norm = False  # parallel_residual: one norm feeds both (GPT-J), not one each (GPT-NeoX)
   c.model.tie_embeddings = True  # output projection = token embedding transposed
   # 'auto' (cuDNN on GPU where it applies, else XLA), 'xla', 'cudnn' or 'splash' (JAX's Pallas kernel for
   # TPU; interpreted, slowly, elsewhere; needs seq_len a multiple of 128).
@@ -181,6 +212,9 @@ def base_config() -> ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 600
+  c.train.objective = 'lm'  # 'lm' (next-token loss on the loss mask) or 'dpo' (preference pairs; see c.dpo)
+  # > 0: train this many passes over the training split instead (fractions allowed); num_steps is then set from it.
+  c.train.num_epochs = 0.0
   c.train.log_every = 20
   c.train.eval_every = 200
   c.train.eval_batches = 8  # per validation: batches drawn at random (the same each time) from the held-out split
@@ -190,6 +224,10 @@ def base_config() -> ConfigDict:
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3  # the newest steps kept; older ones are deleted once a newer save is complete
   c.train.keep_every = 0  # also keep, for good, every checkpoint whose step is a multiple of this; 0 = none
+  # Also keep the checkpoint of the lowest validation loss (saved at each new best); results.json names its step.
+  c.train.keep_best = False
+  c.train.early_stopping_patience = 0  # stop after this many validations without a lower loss; 0 = never
+  c.train.wandb_project = ''  # log metrics to this Weights & Biases project too (jaxgpt[wandb]); '' = off
   # A step whose loss, gradient or update is NaN/Inf is never applied; then 'skip' goes on (counted and
   # logged), 'stop' exits naming the step.
   c.train.on_nonfinite = 'skip'
@@ -359,6 +397,35 @@ def _override(node: ConfigDict, overrides: dict, where: str) -> None:
 _SOURCES = ('stdlib', 'dir', 'jsonl', 'parquet', 'arrow', 'warc', 'wikipedia', 'tfds')
 
 
+def _architecture_problems(m: ConfigDict) -> list[str]:
+  """What is wrong with the model section's architecture options (RoPE, window, norms, parallel blocks)."""
+  problems = []
+  head_dim = m.embed_dim // m.num_heads
+  rotated = m.rotary_dim or head_dim
+  if m.position == 'rope' and (rotated % 2 or not 0 <= m.rotary_dim <= head_dim):
+    problems.append(f'RoPE rotates pairs of dimensions: model.rotary_dim={m.rotary_dim} must be even and at most '
+                    f'the head dimension {head_dim} (0 = all of it)' if m.rotary_dim else
+                    f'RoPE needs an even head dimension; embed_dim/num_heads = {head_dim}')
+  rope_only = [f'model.{name}' for name, default in (('rotary_dim', 0), ('rope_interleaved', False),
+                                                       ('rope_scaling', 'none')) if m[name] != default]
+  if m.position != 'rope' and rope_only:
+    problems.append(f"{', '.join(rope_only)} shape RoPE, and model.position={m.position!r}: set position='rope'")
+  if m.rope_scaling == 'llama3' and not (m.rope_scaling_factor >= 1 and 0 < m.rope_low_freq_factor
+                                         < m.rope_high_freq_factor and m.rope_original_max_len > 0):
+    problems.append('the llama3 RoPE scaling needs rope_scaling_factor >= 1, 0 < rope_low_freq_factor < '
+                    'rope_high_freq_factor and rope_original_max_len > 0 (Llama 3.1: 8, 1, 4, 8192)')
+  if m.sliding_window < 0:
+    problems.append(f'model.sliding_window={m.sliding_window} must be 0 (off) or positive')
+  if m.sliding_window and m.attention == 'splash':
+    problems.append("model.attention='splash' has no sliding window here; with model.sliding_window use 'auto'")
+  if not m.norm_epsilon > 0:
+    problems.append(f'model.norm_epsilon={m.norm_epsilon} must be positive')
+  if m.shared_norm and not m.parallel_residual:
+    problems.append('model.shared_norm=True shares a norm between the parallel attention and MLP: it needs '
+                    'model.parallel_residual=True')
+  return problems
+
+
 def validate(config: ConfigDict) -> None:
   """Checks the relations between fields that no single field type can express."""
   m, t, d, o = config.model, config.train, config.data, config.optim
@@ -397,7 +464,8 @@ def validate(config: ConfigDict) -> None:
     if not 0 < source.val_fraction < 1:
       problems.append(f'{p}val_fraction={source.val_fraction} must be between 0 and 1')
   for field, allowed in (('remat', ('none', 'full', 'dots', 'offload')), ('position', ('learned', 'rope')),
-                         ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
+                         ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'gelu_exact', 'swiglu')),
+                         ('rope_scaling', ('none', 'llama3')),
                          ('attention', ('auto', 'xla', 'cudnn', 'splash')),
                          ('dtype', ('auto', 'float32', 'bfloat16'))):
     if m[field] not in allowed:
@@ -413,8 +481,7 @@ def validate(config: ConfigDict) -> None:
                       f'{m.max_len - 1} (model.max_len={m.max_len} holds the prompt and the new tokens)')
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     problems.append(f'model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}')
-  if m.position == 'rope' and (m.embed_dim // m.num_heads) % 2:
-    problems.append(f'RoPE needs an even head dimension; embed_dim/num_heads = {m.embed_dim // m.num_heads}')
+  problems += _architecture_problems(m)
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_batches', 'keep_checkpoints'):
     if t[name] <= 0:
       problems.append(f'train.{name}={t[name]} must be positive')
@@ -422,5 +489,8 @@ def validate(config: ConfigDict) -> None:
     problems.append(f'train.keep_every={t.keep_every} must be 0 (off) or positive')
   if t.on_nonfinite not in ('skip', 'stop'):
     problems.append(f"train.on_nonfinite={t.on_nonfinite!r} is not 'skip' or 'stop'")
+  if t.num_epochs < 0 or t.early_stopping_patience < 0:
+    problems.append(f'train.num_epochs={t.num_epochs} and train.early_stopping_patience='
+                    f'{t.early_stopping_patience} must be 0 (off) or positive')
   if problems:
     raise JaxgptError('invalid config: ' + '; '.join(problems) + '.')

@@ -7,6 +7,14 @@
 - BLEU (sacrebleu) and ROUGE-1/2/L (rouge-score) of greedy continuations
   against references, from a JSONL file of {"prompt": ..., "reference": ...}.
 - A samples file (JSONL and Markdown) for people to judge fluency and coherence.
+- With `--task code|summarization|qa|sentiment --data FILE.jsonl`, that task's metric
+  instead (jaxgpt/eval/tasks.py: pass@k of sandboxed programs, ROUGE, exact match and
+  F1, label log-likelihood), into `DIR/eval/step_N/TASK/` (docs/recipes.md).
+- With `--tasks NAME[,NAME] [--task_dir DIR]`, lm-evaluation-harness tasks instead
+  (jaxgpt/eval/harness.py), into `DIR/eval/step_N/harness_NAMES.json`.
+- Human A/B evaluation (jaxgpt/eval/human.py): `--compare RUN_A RUN_B --prompts FILE
+  [--out DIR]` writes a blind sheet and its key; `--tally SHEET... --key KEY` counts
+  filled-in sheets into win rates (docs/evaluation.md).
 
 The computations live in jaxgpt/evaluation.py, shared with training's
 validations. Results go to `DIR/eval/step_N/results.json` and to TensorBoard
@@ -25,8 +33,9 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 from jaxgpt import inference, paths, run_dir, sharding
-from jaxgpt.config import JaxgptError, run_cli
+from jaxgpt.config import JaxgptError, require_extra, run_cli
 from jaxgpt.data import builder, sources
+from jaxgpt.eval import code_exec, human, tasks
 from jaxgpt.evaluation import (eval_sums, generation_metrics, held_out_metrics, language_model_metrics,
                                loss_scope, read_references, write_samples)
 from jaxgpt.metrics import MetricWriter
@@ -126,15 +135,36 @@ def evaluate(workdir: str, *, step: int | None = None, text: str = '', glob: str
     else:  # a run trained with sample.prompts=() and given no --prompt has nothing to continue
       samples = [{'prompt': p, 'output': c.text} for p, c in zip(prompts, complete(model, params, tokenizer, prompts,
                                                                                      sampling))] if prompts else []
-  directory = paths.path(workdir) / 'eval' / f'step_{step}'
+  return _write(workdir, step, results, samples, f'Samples from {workdir} at step {step}')
+
+
+def evaluate_task(workdir: str, request: tasks.Request, *, step: int | None = None, mesh: dict | None = None,
+                  dtype: str | None = None) -> dict:
+  """A task's metrics (jaxgpt/eval/tasks.py), written with its samples to the step's eval/TASK/ directory."""
+  config, tokenizer = run_dir.load_run(workdir)
+  examples = tasks.read_examples(request.task, request.data)  # a bad file fails before loading the model
+  loaded = inference.load(config, tokenizer, workdir, step, mesh=inference.make_mesh(mesh, jax.devices()),
+                          dtype=dtype)
+  with loaded.activation_rules():
+    metrics, samples = tasks.evaluate(request, examples, loaded, tokenizer, config)
+  results = {'step': loaded.step, 'task': request.task, 'data': request.data, **metrics}
+  return _write(workdir, loaded.step, results, samples, f'{request.task} from {workdir} at step {loaded.step}',
+                request.task)
+
+
+def _write(workdir: str, step: int, results: dict, samples: list[dict], title: str, task: str = '') -> dict:
+  """Results, samples and TensorBoard scalars (process 0 writes); the results with their directory."""
+  name = f'eval/step_{step}' + (f'/{task}' if task else '')
+  directory = paths.path(workdir) / name
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    write_samples(directory, samples, f'Samples from {workdir} at step {step}')
+    write_samples(directory, samples, title)
     writer = MetricWriter(workdir)
-    writer.scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
+    writer.scalars(step, {f'eval/{task + "/" if task else ""}{k}': v for k, v in results.items()
+                          if isinstance(v, float)})
     writer.close()
-  return {**results, 'directory': f'{workdir.rstrip("/")}/eval/step_{step}'}  # as the user named the run
+  return {**results, 'directory': f'{workdir.rstrip("/")}/{name}'}  # as the user named the run
 
 
 # --- command line ---------------------------------------------------------
@@ -157,6 +187,23 @@ def _define_flags() -> None:
   flags.DEFINE_float('temperature', 0.0, 'Softmax temperature for the samples; 0 is greedy.')
   flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 for all tokens.')
   flags.DEFINE_integer('seed', 0, 'Random seed.')
+  flags.DEFINE_enum('task', None, tasks.TASKS, 'A task metric instead of perplexity, on --data (docs/recipes.md).')
+  flags.DEFINE_string('data', '', "The --task's JSONL file: HumanEval-shaped problems for code, Alpaca records "
+                      'for the others.')
+  flags.DEFINE_integer('num_samples', 1, '--task=code: completions per problem (with --temperature above 0).')
+  flags.DEFINE_list('pass_k', ['1'], '--task=code: the k of each pass@k, e.g. 1,10; at most --num_samples.')
+  flags.DEFINE_float('exec_seconds', code_exec.Limits.seconds, '--task=code: wall-clock limit of each program.')
+  flags.DEFINE_integer('exec_memory_mb', code_exec.Limits.memory_mb, '--task=code: memory limit of each program.')
+  flags.DEFINE_list('tasks', [], 'lm-evaluation-harness tasks instead, e.g. hellaswag,arc_easy (docs/evaluation.md).')
+  flags.DEFINE_string('task_dir', '', '--tasks: a local folder of task YAML files of your own.')
+  flags.DEFINE_integer('num_fewshot', None, "--tasks: examples shown before each question (default: the task's).")
+  flags.DEFINE_float('limit', None, '--tasks: documents per task at most (below 1: that fraction of them).')
+  flags.DEFINE_string('compare', None, "RUN_A, then RUN_B: a blind A/B sheet of both runs' continuations of "
+                      '--prompts (their latest checkpoints).')
+  flags.DEFINE_string('prompts', '', '--compare: a JSONL file of {"prompt": ...}.')
+  flags.DEFINE_string('out', 'ab', '--compare: the directory for the sheet (sheet.csv) and its key (key.json).')
+  flags.DEFINE_string('tally', None, 'SHEET, then any more: win rates from filled-in A/B sheets, with --key.')
+  flags.DEFINE_string('key', '', '--tally: the key.json that --compare wrote with the sheet.')
   inference.define_mesh_flags()
   # Several processes (one per host) evaluate together as training trains: the same flags on every one.
   flags.DEFINE_string('distributed.coordinator_address', '', 'host:port of process 0; empty: one process.')
@@ -166,15 +213,58 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  del argv
   FLAGS = flags.FLAGS
-  if not FLAGS.workdir:
+  more = argv[1:]  # the values after the first of --compare RUN_A RUN_B and --tally SHEET...
+  if FLAGS.tally:
+    print(human.format_tally(human.tally([FLAGS.tally, *more], FLAGS.key)))
+    return
+  if len(more) != (1 if FLAGS.compare else 0):
+    raise JaxgptError(f'unexpected arguments {" ".join(more)}: only --compare RUN_A RUN_B and --tally SHEET... '
+                      'take several values.' if more else '--compare takes two runs: --compare RUN_A RUN_B.')
+  if not FLAGS.workdir and not FLAGS.compare:
     raise JaxgptError('--workdir is required: the run directory written by jaxgpt.train.')
   if FLAGS.max_docs < 1 or FLAGS.batch_size < 1:
     raise JaxgptError('--max_docs and --batch_size must be positive.')
   sharding.initialize_distributed(ml_collections.ConfigDict(
       {name: FLAGS[f'distributed.{name}'].value for name in ('coordinator_address', 'num_processes', 'process_id',
                                                               'auto')}))
+  if FLAGS.compare:
+    written = human.compare(FLAGS.compare, more[0], FLAGS.prompts, FLAGS.out, seed=FLAGS.seed,
+                            max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                            mesh=inference.mesh_flags(), dtype=FLAGS.dtype)
+    if jax.process_index() == 0:
+      print(f'{written["prompts"]} prompts continued by both runs, output 1 and 2 in a random order per row\n'
+            f'blind sheet for the raters: {written["sheet"]}\nkey (keep it from them): {written["key"]}')
+    return
+  if FLAGS.tasks:
+    require_extra('harness', 'lm_eval')
+    from jaxgpt.eval import harness  # imported here: lm-eval is an optional extra
+    results = harness.evaluate_tasks(FLAGS.workdir, FLAGS.tasks, task_dir=FLAGS.task_dir, limit=FLAGS.limit,
+                                     num_fewshot=FLAGS.num_fewshot, batch_size=FLAGS.batch_size, step=FLAGS.step,
+                                     seed=FLAGS.seed, mesh=inference.mesh_flags(), dtype=FLAGS.dtype)
+    if jax.process_index() == 0:
+      print(f'# step {results["step"]} of {FLAGS.workdir}, lm-eval tasks {", ".join(FLAGS.tasks)}'
+            + (' (local files: offline)' if results['offline'] else ''))
+      print(f'{results["table"]}\nresults in {results["file"]}')
+    return
+  if bool(FLAGS.task) != bool(FLAGS.data):
+    raise JaxgptError('--task and --data go together: the task, and the JSONL file it is measured on.')
+  if FLAGS.task:
+    if FLAGS.text or FLAGS.references or FLAGS.prompt:
+      raise JaxgptError('--task measures the run on --data alone: drop --text, --references and --prompt, or '
+                        'evaluate them in a separate command.')
+    ks = [k.strip() for k in FLAGS.pass_k]
+    if not all(k.isdigit() for k in ks):
+      raise JaxgptError(f'--pass_k={",".join(FLAGS.pass_k)} must be whole numbers, e.g. 1,10.')
+    request = tasks.Request(FLAGS.task, FLAGS.data, FLAGS.num_samples, tuple(map(int, ks)), FLAGS.temperature,
+                            FLAGS.seed, FLAGS.max_new_tokens, FLAGS.batch_size,
+                            code_exec.Limits(FLAGS.exec_seconds, FLAGS.exec_memory_mb))
+    results = evaluate_task(FLAGS.workdir, request, step=FLAGS.step, mesh=inference.mesh_flags(), dtype=FLAGS.dtype)
+    if jax.process_index() == 0:
+      print(f'# step {results["step"]} of {FLAGS.workdir}, {FLAGS.task} on {FLAGS.data}')
+      print(tasks.summary(FLAGS.task, results))
+      print(f'results, samples.jsonl and samples.md in {results["directory"]}')
+    return
   results = evaluate(FLAGS.workdir, step=FLAGS.step, text=FLAGS.text, glob=FLAGS.glob, text_field=FLAGS.text_field,
                      max_docs=FLAGS.max_docs, batch_size=FLAGS.batch_size, whole_split=FLAGS.whole_split,
                      references=FLAGS.references, prompts=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,

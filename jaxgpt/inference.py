@@ -17,10 +17,10 @@ from absl import flags
 from jax.sharding import Mesh
 
 from jaxgpt import hf, lora, paths, sharding
-from jaxgpt.checkpoint import PARAM_SHAPE_FIELDS, Checkpointer
+from jaxgpt.checkpoint import STATED_SHAPE_FIELDS, Checkpointer
 from jaxgpt.config import JaxgptError
-from jaxgpt.data.tokenizer import Tokenizer, load_byte_level_bpe
-from jaxgpt.model import GPT, build_model
+from jaxgpt.data.tokenizer import Tokenizer, from_config
+from jaxgpt.model import GPT, ModelConfig, build_model
 from jaxgpt.run_dir import load_run
 from jaxgpt.state import abstract_state
 
@@ -115,15 +115,21 @@ def load_base(config) -> BaseModel:
     fields = base_config.model.to_dict()
     base = load(base_config, tokenizer, path, mesh=make_mesh(devices=jax.local_devices()[:1]), dtype='float32')
     params = jax.device_get(base.params)
-  shape = {k: fields[k] for k in PARAM_SHAPE_FIELDS + (('rope_theta',) if fields['position'] == 'rope' else ())}
+  # A run written before a field existed computed with its default.
+  fields = {**{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in hf.IMPORTED_FIELDS}, **fields}
+  shape = {k: fields[k] for k in STATED_SHAPE_FIELDS + (('rope_theta',) if fields['position'] == 'rope' else ())}
   diffs = [f'{k}: base {v}, config {config.model[k]}' for k, v in shape.items() if config.model[k] != v]
   if diffs:
     raise JaxgptError(f'the base model at init_from={path} has another shape than config.model ({"; ".join(diffs)}). '
                       'Set config.model to the base model\'s shape (configs/finetune_gpt2.py does for GPT-2).')
-  if config.data.tokenizer.kind == 'byte_bpe':
-    wanted = load_byte_level_bpe(config.data.tokenizer.path, config.data.tokenizer.eos_token)
-    if wanted.fingerprint != tokenizer.fingerprint:
-      raise JaxgptError(f'data.tokenizer.path={config.data.tokenizer.path!r} is not the tokenizer of the base model '
-                        f'at init_from={path}: use the same tokenizer as your base model (leave data.tokenizer '
-                        'unset; init_from brings its own).')
+  # The rest of the architecture (RoPE scaling, extra biases, parallel residual, window...) is the base's
+  # by definition: taken from it, so that nothing trains another model than the base's.
+  for k in hf.IMPORTED_FIELDS:
+    if k not in shape:
+      config.model[k] = fields[k]
+  wanted = from_config(config.data.tokenizer)
+  if wanted is not None and wanted.fingerprint != tokenizer.fingerprint:
+    raise JaxgptError(f'data.tokenizer.path={config.data.tokenizer.path!r} is not the tokenizer of the base model '
+                      f'at init_from={path}: use the same tokenizer as your base model (leave data.tokenizer '
+                      'unset; init_from brings its own).')
   return BaseModel(shape, tokenizer, hf.stacked(params))

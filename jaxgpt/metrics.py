@@ -1,4 +1,5 @@
-"""Throughput and MFU, and the writers that put metrics on the console, in TensorBoard and in metrics.jsonl."""
+"""Throughput and MFU, and the writers that put a run's metrics on the console, in TensorBoard, in its JSON-lines
+files (what jaxgpt.compare reads) and, when asked, in Weights & Biases."""
 
 import contextlib
 import json
@@ -8,7 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt import paths
-from jaxgpt.config import JaxgptError
+from jaxgpt.config import JaxgptError, require_extra
+
+# A run's metrics files, in its workdir.
+RESULTS_FILE = 'results.json'  # the final figures
+METRICS_FILE = 'metrics.jsonl'  # every step's loss, grad norm and learning rate
+SCALARS_FILE = 'scalars.jsonl'  # every scalar logged (train/*, val/*, perf/*) with its step and the run's wall time
+WANDB_RUN_FILE = 'wandb_run_id'  # the Weights & Biases run a resumed run goes on logging to
 
 # Dense (not 2:4-sparse) bf16 peak FLOP/s per device (per chip; per GPU), from the vendors' data sheets.
 # Keys are prefixes of jax's device_kind; the longest that matches wins ('NVIDIA H100 PCIe' over 'NVIDIA H100').
@@ -79,6 +86,11 @@ def model_flops_utilization(flops_per_token: float, tokens_per_sec: float, peak_
   return flops_per_token * tokens_per_sec / (peak_per_device * num_devices)
 
 
+def tokens_per_second_at(mfu: float, flops_per_token: float, peak_per_device: float, num_devices: int) -> float:
+  """The throughput that reaches `mfu`: model_flops_utilization, which is linear in tokens/s, solved for them."""
+  return mfu / model_flops_utilization(flops_per_token, 1.0, peak_per_device, num_devices)
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(seconds)
   if seconds >= 3600:
@@ -146,16 +158,33 @@ class _BucketEventsFiles:
 
 
 class MetricWriter:
-  """Console lines and TensorBoard scalars, written by process 0 only, to a local directory or a bucket."""
+  """Console lines and scalars, written by process 0 only: to TensorBoard in `workdir` (a local directory or a
+  bucket); once `start_history` is called, to its scalars.jsonl; and to Weights & Biases when
+  `config.train.wandb_project` is set."""
 
-  def __init__(self, workdir: str | None):
+  def __init__(self, workdir: str | None, config=None):
     self._active = jax.process_index() == 0
-    self._tb = None
+    self._workdir = workdir
+    self._tb = self._history = self._wandb = None
+    self._started, self._seconds_before = time.perf_counter(), 0.0
+    project = config.train.wandb_project if config is not None else ''
+    if project:  # on every process: a missing package fails everywhere, before the data is prepared
+      require_extra('wandb', 'wandb')
     if self._active and workdir:
       from tensorboardX import SummaryWriter, record_writer  # imported here: only process 0 writes logs
       for scheme in paths.REMOTE_SCHEMES:
         record_writer.register_writer_factory(scheme.removesuffix('://'), _BucketEventsFiles())
       self._tb = SummaryWriter(logdir=str(paths.path(workdir) / 'tensorboard'))
+      if project:
+        self._wandb = _start_wandb(workdir, project, config)
+
+  def start_history(self, resumed_at: int) -> None:
+    """Starts writing scalars.jsonl, cut back to step `resumed_at`. Its wall time runs from this writer's
+    start (data preparation included) on from the last kept record's, so that a resumed run's time counts
+    the time before it."""
+    if self._active and self._workdir:
+      self._history = _JsonLines(paths.path(self._workdir) / SCALARS_FILE, resumed_at)
+      self._seconds_before = self._history.last.get('seconds', 0.0)
 
   def log(self, message: str) -> None:
     if self._active:
@@ -166,10 +195,32 @@ class MetricWriter:
       for name, value in values.items():
         self._tb.add_scalar(name, value, step)
       self._tb.flush()
+    if self._history is not None:
+      seconds = self._seconds_before + time.perf_counter() - self._started
+      self._history.append([{'step': step, 'seconds': round(seconds, 3), **values}])
+    if self._wandb is not None:
+      self._wandb.log(values, step=step)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _start_wandb(workdir: str, project: str, config):
+  """A Weights & Biases run named after the workdir; a resumed run goes on logging to the same one.
+
+  W&B keeps the first value logged at a step: the steps a killed run logged past its last checkpoint keep
+  their old values there (scalars.jsonl and metrics.jsonl are cut back and hold the resumed run's).
+  """
+  import wandb
+  id_file = paths.path(workdir) / WANDB_RUN_FILE
+  run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+  id_file.write_text(run_id)
+  local = None if paths.is_remote(workdir) else str(paths.path(workdir))  # W&B's own files: a local directory
+  return wandb.init(project=project, name=paths.path(workdir).name, id=run_id, resume='allow',
+                    config=config.to_dict(), dir=local)
 
 
 class StepMetrics:
@@ -178,21 +229,16 @@ class StepMetrics:
   They stay on the device until `pull`, which the loop calls only where it waits for the device
   anyway (log steps, saves): pulling after every step would stall the dispatch of the next one.
   Each pulled step is appended to `metrics.jsonl` (one JSON object per step, process 0 only) and
-  checked for an update the train step skipped because something in it was not finite. A bucket's
-  objects cannot be appended to: there the file is kept in memory and written whole at each pull.
+  checked for an update the train step skipped because something in it was not finite.
   """
 
   def __init__(self, path: str, resumed_at: int, on_nonfinite: str, log):
-    self._path = paths.path(path) if jax.process_index() == 0 else None
+    self._file = _JsonLines(path, resumed_at) if jax.process_index() == 0 else None
     self._on_nonfinite = on_nonfinite
     self._log = log
     self._on_device = []  # (step, metrics) not yet pulled
     self._pulled = []  # records pulled since the last `take`
-    self._lines = []  # in a bucket: every line of the file, which each pull writes whole
     self.skipped = 0  # updates skipped by this process's run
-    if self._path and self._path.exists():
-      self._lines = _records_up_to(self._path, resumed_at)
-      self._path.write_text(''.join(self._lines))
 
   def add(self, step: int, metrics: dict) -> None:
     self._on_device.append((step, metrics))
@@ -204,13 +250,8 @@ class StepMetrics:
                for step, m in jax.device_get(self._on_device)]
     self._on_device = []
     self._pulled += records
-    lines = [json.dumps(r) + '\n' for r in records]
-    if self._path and paths.is_remote(self._path):
-      self._lines += lines
-      self._path.write_text(''.join(self._lines))
-    elif self._path:
-      with self._path.open('a') as f:
-        f.writelines(lines)
+    if self._file:
+      self._file.append(records)
     skipped = [r for r in records if r.get('skipped')]
     if not skipped:
       return
@@ -232,6 +273,38 @@ class StepMetrics:
     return records
 
 
+class _JsonLines:
+  """A run's JSON-lines file, one record per line, each with its `step`, appended to as the run goes.
+
+  Opening it cuts it back to `resumed_at`: the records a killed run wrote past its last checkpoint go (and a
+  line it left half-written), so that the file lists each step once. A bucket's objects cannot be appended to:
+  there the file is kept in memory and written whole at each append.
+  """
+
+  def __init__(self, path, resumed_at: int):
+    self._path = paths.path(path)
+    self._lines = []
+    if self._path.exists():
+      self._lines = _records_up_to(self._path, resumed_at)
+      self._path.write_text(''.join(self._lines))
+    self.last = json.loads(self._lines[-1]) if self._lines else {}  # the last record kept
+
+  def append(self, records: list[dict]) -> None:
+    lines = [json.dumps(r) + '\n' for r in records]
+    if paths.is_remote(self._path):
+      self._lines += lines
+      self._path.write_text(''.join(self._lines))
+    else:
+      with self._path.open('a') as f:
+        f.writelines(lines)
+
+
+def read_records(path) -> list[dict]:
+  """The records of a run's JSON-lines file ([] when it has none); a line left half-written is left out."""
+  path = paths.path(path)
+  return [json.loads(line) for line in _records_up_to(path, float('inf'))] if path.exists() else []
+
+
 def _records_up_to(path, step: int) -> list[str]:
   """The file's lines without the records a killed run wrote past its last checkpoint (nor a line it left
   half-written)."""
@@ -242,5 +315,5 @@ def _records_up_to(path, step: int) -> list[str]:
     except json.JSONDecodeError:
       continue
     if record['step'] <= step:
-      kept.append(line)
+      kept.append(line if line.endswith('\n') else line + '\n')
   return kept

@@ -3,7 +3,9 @@
 The default is the GPT-2 architecture (learned positions, LayerNorm, GELU MLP,
 biases, tied output embedding). Config switches give the modern options —
 RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied output —
-which together make a Llama-style model.
+which together make a Llama-style model, and those of today's other bases:
+Llama 3's RoPE scaling, Mistral's sliding window, Qwen2's query/key/value
+biases, GPT-J's and GPT-NeoX's parallel blocks and partial, interleaved RoPE.
 
 Every parameter carries logical axis names ('vocab', 'embed', 'heads',
 'kv_heads', 'kv', 'mlp', 'layers'), and activations are constrained with
@@ -28,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 import optax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
@@ -46,9 +49,23 @@ class ModelConfig:
   mlp_dim: int = 3072
   position: str = 'learned'  # 'learned' (GPT-2) | 'rope'
   rope_theta: float = 10000.0
+  rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim dimensions (GPT-J, GPT-NeoX); 0 = all of them
+  rope_interleaved: bool = False  # RoPE pairs dimensions (2i, 2i + 1) (GPT-J), not (i, i + R/2) (Llama, NeoX)
+  rope_scaling: str = 'none'  # 'none' | 'llama3' (Llama 3.1+'s long-context frequencies, see `rope_frequencies`)
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192  # the context length the frequencies were pretrained for
+  sliding_window: int = 0  # >0: a token attends to itself and the sliding_window - 1 before it (Mistral)
   norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
-  mlp: str = 'gelu'  # 'gelu' | 'swiglu'
-  use_bias: bool = True
+  norm_epsilon: float = 1e-5
+  mlp: str = 'gelu'  # 'gelu' (tanh approximation: GPT-2, GPT-J) | 'gelu_exact' (erf: GPT-NeoX) | 'swiglu'
+  use_bias: bool = True  # biases on every projection
+  qkv_bias: bool = False  # biases on query, key and value even without use_bias (Qwen2)
+  mlp_bias: bool = False  # biases in the MLP even without use_bias (GPT-J)
+  output_bias: bool = False  # a bias on the output projection (GPT-J)
+  parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm(x)), not one after the other (GPT-J, GPT-NeoX)
+  shared_norm: bool = False  # parallel_residual: one norm feeds both (GPT-J), not one each (GPT-NeoX)
   # 'auto' (cuDNN's causal flash attention on GPU when it applies, else XLA) | 'xla' | 'cudnn' | 'splash'
   # (Pallas, TPU); see `attention_plan`
   attention: str = 'auto'
@@ -102,14 +119,17 @@ class Norm(nn.Module):
     return y.astype(x.dtype)
 
 
-def attention_mask(segment_ids_BxT):
-  """Causal mask that also keeps packed documents from seeing each other.
+def attention_mask(segment_ids_BxT, window: int = 0):
+  """Causal mask that also keeps packed documents from seeing each other (and, with a sliding window,
+  a token from those more than window - 1 before it: within a document, row distance is position distance).
 
   Segment id 0 marks padding: padded queries see nothing useful, but they
   still attend to themselves so softmax stays finite.
   """
   T = segment_ids_BxT.shape[1]
   causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+  if window:
+    causal_TxT &= ~jnp.tril(causal_TxT, -window)
   same_doc_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
   return (causal_TxT[None] & same_doc_BxTxT)[:, None]  # B x 1 x T x T
 
@@ -131,8 +151,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
   return {name: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)) for name in ('key', 'value')}
 
 
-def cache_attention(query_BxTxHxK, key_BxGxSxK, value_BxGxSxK, positions_BxT):
-  """Attention of new tokens over the cache slots: a token at position p sees slots 0..p.
+def cache_attention(query_BxTxHxK, key_BxGxSxK, value_BxGxSxK, positions_BxT, window: int = 0):
+  """Attention of new tokens over the cache slots: a token at position p sees slots 0..p (p - window + 1..p
+  with a sliding window).
 
   Slots past p may hold padding written during a batched prefill; they are
   overwritten before any query can see them. Logits and softmax in float32, as
@@ -144,7 +165,9 @@ def cache_attention(query_BxTxHxK, key_BxGxSxK, value_BxGxSxK, positions_BxT):
   query_BxGxRxTxK = query_BxTxHxK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)
   logits_BxGxRxTxS = jnp.einsum('bgrtk,bgsk->bgrts', query_BxGxRxTxK, key_BxGxSxK,
                                 preferred_element_type=jnp.float32) * K ** -0.5
-  visible_Bx1x1xTxS = (positions_BxT[:, :, None] >= jnp.arange(S))[:, None, None]
+  distance_BxTxS = positions_BxT[:, :, None] - jnp.arange(S)
+  visible_BxTxS = (distance_BxTxS >= 0) & (distance_BxTxS < window) if window else distance_BxTxS >= 0
+  visible_Bx1x1xTxS = visible_BxTxS[:, None, None]
   logits_BxGxRxTxS = jnp.where(visible_Bx1x1xTxS, logits_BxGxRxTxS, jnp.finfo(jnp.float32).min)
   probs_BxGxRxTxS = jax.nn.softmax(logits_BxGxRxTxS, axis=-1).astype(value_BxGxSxK.dtype)
   attn_BxTxGxRxK = jnp.einsum('bgrts,bgsk->btgrk', probs_BxGxRxTxS, value_BxGxSxK)
@@ -184,6 +207,9 @@ def attention_plan(cfg: ModelConfig, backend: str, packed: bool, cached: bool, p
   mask = 'segments' if packed else 'causal'
   attention = cfg.attention
   if attention == 'splash':
+    if cfg.sliding_window:
+      raise JaxgptError("model.attention='splash' has no sliding window here; with model.sliding_window use "
+                        "'auto'.")
     if backend == 'gpu':
       raise JaxgptError("model.attention='splash' is a TPU kernel; on GPU use 'cudnn' (or 'auto').")
     if not prompt:
@@ -202,14 +228,39 @@ def attention_plan(cfg: ModelConfig, backend: str, packed: bool, cached: bool, p
   return AttentionPlan('xla', mask)
 
 
-def rotary(x_BxTxHxK, positions_BxT, theta: float):
-  """Rotary position embedding (RoPE), rotating pairs (i, i + K/2) of each head."""
-  K = x_BxTxHxK.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
-  angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-  sin, cos = jnp.sin(angles_BxTxK2)[:, :, None], jnp.cos(angles_BxTxK2)[:, :, None]
-  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """RoPE's angular frequency for each of the R/2 rotated pairs (R = rotary_dim, or the head dimension).
+
+  With rope_scaling='llama3' (Llama 3.1's reference code, as transformers has it), wavelengths longer
+  than rope_original_max_len / low_freq_factor are stretched by `factor`, those shorter than
+  rope_original_max_len / high_freq_factor are kept, and those between are interpolated.
+  """
+  R = cfg.rotary_dim or cfg.head_dim
+  inv_freq = cfg.rope_theta ** (-np.arange(0, R, 2) / R)
+  if cfg.rope_scaling == 'llama3':
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    kept = np.clip((cfg.rope_original_max_len * inv_freq / (2 * np.pi) - low) / (high - low), 0, 1)
+    inv_freq = (1 - kept) * inv_freq / cfg.rope_scaling_factor + kept * inv_freq
+  return inv_freq.astype(np.float32)
+
+
+def rotary(x_BxTxHxK, positions_BxT, inv_freq, interleaved: bool = False):
+  """Rotary position embedding (RoPE) of each head's first R = 2 * len(inv_freq) dimensions; the rest pass.
+
+  Pair j, rotated by angle position * inv_freq[j], is dimensions (j, j + R/2) (Llama's and NeoX's
+  `rotate_half`), or (2j, 2j + 1) when interleaved (GPT-J's `rotate_every_two`).
+  """
+  R, K = 2 * len(inv_freq), x_BxTxHxK.shape[-1]
+  angles_BxTxR2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  sin, cos = jnp.sin(angles_BxTxR2)[:, :, None], jnp.cos(angles_BxTxR2)[:, :, None]
+  x32 = x_BxTxHxK.astype(jnp.float32)
+  part = x32[..., :R] if R < K else x32
+  x1, x2 = (part[..., 0::2], part[..., 1::2]) if interleaved else jnp.split(part, 2, axis=-1)
+  y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+  rotated = jnp.stack([y1, y2], axis=-1).reshape(part.shape) if interleaved else jnp.concatenate([y1, y2], -1)
+  if R < K:
+    rotated = jnp.concatenate([rotated, x32[..., R:]], axis=-1)
+  return rotated.astype(x_BxTxHxK.dtype)
 
 
 def splash_attention(query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT):
@@ -256,7 +307,8 @@ def splash_attention(query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT)
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); or, with parallel_residual,
+  x + attn(norm(x)) + mlp(norm(x)) (GPT-J shares one norm between the two, GPT-NeoX has one each)."""
   cfg: ModelConfig
   deterministic: bool = True
   prefill: bool = False  # also return the tokens' keys and values, for a cache
@@ -282,24 +334,42 @@ class Block(nn.Module):
     def weight(name, shape, names, std=0.02):
       return self.param(name, _normal(std, names), shape).astype(dtype)
 
-    def bias(name, shape, names):
-      if not cfg.use_bias:
+    def bias(name, shape, names, present=cfg.use_bias):
+      if not present:
         return jnp.zeros((), dtype)
       return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, names), shape).astype(dtype)
 
     def dropout(y):
       return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
 
+    def norm(name, x_BxTxD):
+      return Norm(cfg.norm, cfg.norm_epsilon, name=name)(x_BxTxD).reshape(B * T, D)
+
+    def mlp(h_NxD):
+      mlp_bias = cfg.use_bias or cfg.mlp_bias
+      up_NxM = h_NxD @ weight('mlp_up', (D, M), ('embed', 'mlp')) + bias('mlp_up_bias', (M,), ('mlp',), mlp_bias)
+      if cfg.mlp == 'swiglu':
+        gate_NxM = (h_NxD @ weight('mlp_gate', (D, M), ('embed', 'mlp'))
+                    + bias('mlp_gate_bias', (M,), ('mlp',), mlp_bias))
+        hidden_NxM = nn.silu(gate_NxM) * up_NxM
+      else:
+        hidden_NxM = nn.gelu(up_NxM, approximate=cfg.mlp == 'gelu')
+      hidden_NxM = nn.with_logical_constraint(hidden_NxM, ('act_tokens', 'act_mlp'))
+      down_NxD = hidden_NxM @ weight('mlp_down', (M, D), ('mlp', 'embed'), resid_std)
+      return dropout(down_NxD + bias('mlp_down_bias', (D,), ('embed',), mlp_bias))
+
     # Dense layers run on 2-D [N, D] activations: XLA:CPU's backward pass is
     # about 2x faster that way than on [B, T, D] (docs/design.md).
-    h_NxD = Norm(cfg.norm, name='ln_attn')(x_BxTxD).reshape(B * T, D)
+    h_NxD = norm('ln_attn', x_BxTxD)
+    inv_freq = rope_frequencies(cfg) if cfg.position == 'rope' else None
     qkv = []
     for name, heads, head_axis in (('query', H, 'heads'), ('key', G, 'kv_heads'), ('value', G, 'kv_heads')):
       w_DxHxK = weight(name, (D, heads, K), ('embed', head_axis, 'kv'))
-      y_NxHxK = jnp.einsum('nd,dhk->nhk', h_NxD, w_DxHxK) + bias(f'{name}_bias', (heads, K), (head_axis, 'kv'))
+      y_NxHxK = jnp.einsum('nd,dhk->nhk', h_NxD, w_DxHxK) + bias(f'{name}_bias', (heads, K), (head_axis, 'kv'),
+                                                                 cfg.use_bias or cfg.qkv_bias)
       y_BxTxHxK = y_NxHxK.reshape(B, T, heads, K)
-      if cfg.position == 'rope' and name != 'value':
-        y_BxTxHxK = rotary(y_BxTxHxK, positions_BxT, cfg.rope_theta)
+      if inv_freq is not None and name != 'value':
+        y_BxTxHxK = rotary(y_BxTxHxK, positions_BxT, inv_freq, cfg.rope_interleaved)
       qkv.append(nn.with_logical_constraint(y_BxTxHxK, ('act_batch', 'act_length', 'act_heads', 'act_kv')))
     query_BxTxHxK, key_BxTxGxK, value_BxTxGxK = qkv
     # Grouped-query attention: every path shares each kv head across H // G query heads.
@@ -313,33 +383,30 @@ class Block(nn.Module):
       # cache[rows, :, positions] is B x T x G x K: the new keys and values go in as computed.
       cache = {name: nn.with_logical_constraint(cache[name].at[rows_Bx1, :, positions_BxT].set(new), CACHE_AXES)
                for name, new in (('key', key_BxTxGxK), ('value', value_BxTxGxK))}
-      attn_BxTxHxK = cache_attention(query_BxTxHxK, cache['key'], cache['value'], positions_BxT)
+      attn_BxTxHxK = cache_attention(query_BxTxHxK, cache['key'], cache['value'], positions_BxT, cfg.sliding_window)
     elif plan.implementation == 'splash':
       if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((B, T), jnp.int32)
       attn_BxTxHxK = splash_attention(query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, segment_ids_BxT)
     else:
+      # A sliding window is the causal kernels' local window, or part of the dense mask.
+      causal = plan.mask == 'causal'
       attn_BxTxHxK = jax.nn.dot_product_attention(
-          query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, is_causal=plan.mask == 'causal',
-          mask=attention_mask(segment_ids_BxT) if plan.mask == 'segments' else None,
+          query_BxTxHxK, key_BxTxGxK, value_BxTxGxK, is_causal=causal,
+          mask=None if causal else attention_mask(segment_ids_BxT, cfg.sliding_window),
+          local_window_size=(cfg.sliding_window - 1, 0) if causal and cfg.sliding_window else None,
           implementation=plan.implementation)
     w_HxKxD = weight('out', (H, K, D), ('heads', 'kv', 'embed'), resid_std)
     attn_NxD = jnp.einsum('nhk,hkd->nd', attn_BxTxHxK.reshape(B * T, H, K), w_HxKxD)
     attn_NxD = dropout(attn_NxD + bias('out_bias', (D,), ('embed',)))
-    x_BxTxD = x_BxTxD + attn_NxD.reshape(B, T, D)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed'))
-
-    h_NxD = Norm(cfg.norm, name='ln_mlp')(x_BxTxD).reshape(B * T, D)
-    up_NxM = h_NxD @ weight('mlp_up', (D, M), ('embed', 'mlp')) + bias('mlp_up_bias', (M,), ('mlp',))
-    if cfg.mlp == 'swiglu':
-      gate_NxM = h_NxD @ weight('mlp_gate', (D, M), ('embed', 'mlp')) + bias('mlp_gate_bias', (M,), ('mlp',))
-      hidden_NxM = nn.silu(gate_NxM) * up_NxM
+    if cfg.parallel_residual:  # the MLP reads the block's input too, not the attention's output
+      if not cfg.shared_norm:
+        h_NxD = norm('ln_mlp', x_BxTxD)
+      x_BxTxD = x_BxTxD + (attn_NxD + mlp(h_NxD)).reshape(B, T, D)
     else:
-      hidden_NxM = nn.gelu(up_NxM)
-    hidden_NxM = nn.with_logical_constraint(hidden_NxM, ('act_tokens', 'act_mlp'))
-    down_NxD = hidden_NxM @ weight('mlp_down', (M, D), ('mlp', 'embed'), resid_std)
-    down_NxD = dropout(down_NxD + bias('mlp_down_bias', (D,), ('embed',)))
-    x_BxTxD = x_BxTxD + down_NxD.reshape(B, T, D)
+      x_BxTxD = x_BxTxD + attn_NxD.reshape(B, T, D)
+      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed'))
+      x_BxTxD = x_BxTxD + mlp(norm('ln_mlp', x_BxTxD)).reshape(B, T, D)
     return nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_length', 'act_embed')), cache
 
 
@@ -365,7 +432,7 @@ class GPT(nn.Module):
 
     With return_hidden, returns (final hidden states [B*T, D] in float32, output
     projection [D, V]) instead of logits, for a loss that never holds all the
-    logits at once (`chunked_cross_entropy`).
+    logits at once (`chunked_cross_entropy`); with output_bias, D + 1 of them, the bias the projection's last row.
 
     segment_ids and positions come from packing several documents into one
     row: attention stays inside a document and positions restart at each one.
@@ -410,11 +477,18 @@ class GPT(nn.Module):
       if cache is not None or prefill:
         cache = {name: tuple(layer[name] for layer in layer_caches) for name in ('key', 'value')}
 
-    x_NxD = Norm(cfg.norm, name='ln_final')(x_BxTxD).reshape(B * T, -1).astype(jnp.float32)
+    x_NxD = Norm(cfg.norm, cfg.norm_epsilon, name='ln_final')(x_BxTxD).reshape(B * T, -1).astype(jnp.float32)
     if cfg.tie_embeddings:  # GPT-2 reuses the input embedding as the output projection
       head_DxV = wte_VxD.T
     else:
       head_DxV = self.param('output', _normal(0.02, ('embed', 'vocab')), (cfg.embed_dim, cfg.vocab_size))
+    if cfg.output_bias:
+      # As a last row of the projection, read by a last hidden dimension of ones: the chunked loss
+      # (return_hidden) then needs no bias of its own.
+      bias_V = self.param('output_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+                          (cfg.vocab_size,))
+      x_NxD = jnp.concatenate([x_NxD, jnp.ones((B * T, 1), jnp.float32)], axis=1)
+      head_DxV = jnp.concatenate([head_DxV, bias_V[None]], axis=0)
     if return_hidden:
       return x_NxD, head_DxV
     # Logits in float32 so the softmax is stable in bf16 runs.
@@ -469,21 +543,28 @@ def chunked_cross_entropy(hidden_NxD, head_DxV, targets_N, chunk: int):
   return losses.reshape(N)
 
 
-def loss_sums(model, params, batch, rng=None):
-  """(sum of token losses, number of tokens) over the tokens the loss mask keeps.
+def token_losses(model, params, batch, rng=None):
+  """Each target's cross-entropy, -log p(target), shaped like batch['targets'] (the loss mask not applied).
 
-  Sums rather than a mean so microbatches and eval batches combine exactly.
+  The one path from a batch to per-token losses: the language-model loss and the preference losses
+  (jaxgpt/preference.py) both read it.
   """
   chunk = model.cfg.loss_chunk
   outputs = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
                         deterministic=rng is None, rngs=None if rng is None else {'dropout': rng},
                         return_hidden=chunk > 0)
   if chunk:
-    losses = chunked_cross_entropy(*outputs, batch['targets'].reshape(-1), chunk).reshape(batch['targets'].shape)
-  else:
-    losses = optax.softmax_cross_entropy_with_integer_labels(outputs, batch['targets'])
+    return chunked_cross_entropy(*outputs, batch['targets'].reshape(-1), chunk).reshape(batch['targets'].shape)
+  return optax.softmax_cross_entropy_with_integer_labels(outputs, batch['targets'])
+
+
+def loss_sums(model, params, batch, rng=None):
+  """(sum of token losses, number of tokens) over the tokens the loss mask keeps.
+
+  Sums rather than a mean so microbatches and eval batches combine exactly.
+  """
   mask = batch['loss_mask'].astype(jnp.float32)
-  return (losses * mask).sum(), mask.sum()
+  return (token_losses(model, params, batch, rng) * mask).sum(), mask.sum()
 
 
 def num_params(params) -> int:

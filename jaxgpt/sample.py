@@ -13,6 +13,10 @@ a few compilations serve any mix of prompts. `stream` runs the loop in chunks
 and yields the new tokens after each; `generate` runs it to the end. On the
 mesh in use (`sharding.activation_rules`) the batch, padded to the mesh's batch
 ways, and the cache are split over it (docs/sharding.md).
+
+Log-probabilities (each new token's, and the likeliest tokens' at its step)
+are computed only in a batch with a row that asks for them (`Sampling.logprobs`);
+other batches run the very loop they ran before log-probs existed.
 """
 
 import dataclasses
@@ -32,6 +36,7 @@ from jaxgpt.config import JaxgptError, run_cli
 from jaxgpt.model import CACHE_AXES, GPT, init_cache, unscanned
 
 SEED_LIMIT = 2**32  # seeds are uint32 on the device
+MAX_TOP_LOGPROBS = 20  # alternatives a row may ask for at each step (as OpenAI's API)
 DEFAULT_MAX_NEW_TOKENS = 128  # the commands' length when the user sets none and the context has room
 
 
@@ -44,6 +49,8 @@ class Sampling:
   top_p: float = 1.0  # nucleus: the smallest set of tokens holding this much probability
   seed: int = 0
   stop: tuple[str, ...] = ()  # text that ends the continuation (not included in it)
+  logprobs: int | None = None  # also each new token's log-prob, and this many likeliest tokens'; None: not computed
+  prompt_logprobs: bool = False  # the prompt tokens' too (with `logprobs` alternatives each)
 
   def __post_init__(self):
     # A bad row must fail where it is made: in a batch it would fail every other row decoded with it.
@@ -54,15 +61,28 @@ class Sampling:
         (self.top_k >= 0, f'top_k={self.top_k} must not be negative (0 keeps every token).'),
         (0 < self.top_p <= 1, f'top_p={self.top_p} must be in (0, 1] (1 keeps every token).'),
         (0 <= self.seed < SEED_LIMIT, f'seed={self.seed} must be an integer from 0 to {SEED_LIMIT - 1}.'),
+        (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+         f'logprobs={self.logprobs} must be from 0 to {MAX_TOP_LOGPROBS} (or None: not computed).'),
+        (self.logprobs is not None or not self.prompt_logprobs, 'prompt_logprobs needs logprobs set.'),
     ) if not valid]
     if problems:
       raise JaxgptError(' '.join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+  """A token's log-probability under the model (before temperature, top-k and top-p), and the likeliest tokens'."""
+  token: int
+  logprob: float
+  top: tuple[tuple[int, float], ...]  # (token, log-prob) at the same step, the most likely first
 
 
 @dataclasses.dataclass
 class Continuation:
   tokens: list[int]
   finish_reason: str  # 'stop' (EOS or a stop sequence) or 'length' (max_new_tokens reached)
+  logprobs: list[TokenLogprob] | None = None  # one per token, when the row's Sampling asks for them
+  prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens after the first: in the first yield only
 
 
 def _pow2_at_least(n: int, minimum: int = 1) -> int:
@@ -135,6 +155,10 @@ def _start(model: GPT, prompts, samplings, stop_tokens):
       'stop': stop_BxNxL, 'stopped': np.zeros(B, bool), 'done': np.zeros(B, bool),
       'step': np.zeros((), np.int32),
   }
+  if any(s.logprobs is not None for s in samplings):  # per position: the token's log-prob and the likeliest K
+    K = min(MAX_TOP_LOGPROBS, model.cfg.vocab_size)
+    decode_state.update(logprob=np.zeros((B, S), np.float32), top_ids=np.zeros((B, S, K), np.int32),
+                        top_logprob=np.zeros((B, S, K), np.float32))
   prefill_len = min(S, _pow2_at_least(int(lengths_B.max()), 16))
   return decode_state, prefill_len
 
@@ -241,22 +265,37 @@ def _last_logits(logits_BxTxV, lengths_B):
   return jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _prefill(model, params, decode_state, prefill_len):
+def _with_logprobs(decode_state, logits_BxTxV, tokens_BxT, positions_BxT):
+  """The state with the log-probs of `tokens_BxT` (and the likeliest tokens') written at `positions_BxT`."""
+  logprobs_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  top_BxTxK, top_ids_BxTxK = jax.lax.top_k(logprobs_BxTxV, decode_state['top_ids'].shape[-1])
+  chosen_BxT = jnp.take_along_axis(logprobs_BxTxV, tokens_BxT[..., None], axis=-1)[..., 0]
+  rows_Bx1 = jnp.arange(len(tokens_BxT))[:, None]
+  written = {'logprob': chosen_BxT, 'top_ids': top_ids_BxTxK, 'top_logprob': top_BxTxK}
+  return {**decode_state, **{k: decode_state[k].at[rows_Bx1, positions_BxT].set(v) for k, v in written.items()}}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _prefill(model, params, decode_state, prefill_len, prompt_logprobs=False):
   """Runs the prompts (the first `prefill_len` tokens of the buffer) through the model at once.
 
   With a cache, a causal pass over the prompts alone, layers scanned as in
   training (compile time does not grow with depth), gives every layer's keys
-  and values for the cache's first slots.
+  and values for the cache's first slots. `prompt_logprobs`: the log-probs of
+  the prompts' tokens too.
   """
   tokens_BxT = decode_state['tokens'][:, :prefill_len]
   if 'cache' not in decode_state:
     logits_BxTxV = model.apply({'params': params}, tokens_BxT)
-    return {**decode_state, 'logits': _last_logits(logits_BxTxV, decode_state['lengths'])}
-  logits_BxTxV, kv = model.apply({'params': params}, tokens_BxT, prefill=True)
-  cache = {name: tuple(jax.lax.dynamic_update_slice(layer, new, (0, 0, 0, 0))
-                       for layer, new in zip(decode_state['cache'][name], kv[name])) for name in kv}
-  return {**decode_state, 'cache': cache, 'logits': _last_logits(logits_BxTxV, decode_state['lengths'])}
+  else:
+    logits_BxTxV, kv = model.apply({'params': params}, tokens_BxT, prefill=True)
+    decode_state = {**decode_state, 'cache': {
+        name: tuple(jax.lax.dynamic_update_slice(layer, new, (0, 0, 0, 0))
+                    for layer, new in zip(decode_state['cache'][name], kv[name])) for name in kv}}
+  if prompt_logprobs:  # position t holds the log-prob of token t given those before it
+    decode_state = _with_logprobs(decode_state, logits_BxTxV[:, :-1], tokens_BxT[:, 1:],
+                                  jnp.arange(1, prefill_len)[None])
+  return {**decode_state, 'logits': _last_logits(logits_BxTxV, decode_state['lengths'])}
 
 
 def _next_logits(model, params, decode_state, next_B):
@@ -283,6 +322,8 @@ def _decode(model, params, decode_state, until_step):
     keys_B = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.key(seed), position))(
         s['seed'], lengths_B)
     next_B = sample_tokens(s['logits'], keys_B, s['temperature'], s['top_k'], s['top_p'])
+    if 'logprob' in s:
+      s = _with_logprobs(s, s['logits'][:, None], next_B[:, None], lengths_B[:, None])
     tokens_BxS = s['tokens'].at[rows_B, lengths_B].set(jnp.where(done_B, s['tokens'][rows_B, lengths_B], next_B))
     new_lengths_B = lengths_B + ~done_B
     stopped_B = s['stopped'] | (~done_B & _ends_with_stop(tokens_BxS, new_lengths_B, s['prompt_lengths'], s['stop']))
@@ -302,7 +343,9 @@ def stream(model: GPT, params, prompts: Sequence[Sequence[int]], sampling: Sampl
 
   `prompts` are token ids; `stop_tokens[row]` lists token sequences that end
   that row, as EOS always does. Stop sequences and EOS are never yielded. A
-  row's finish_reason is set in the yield where it finishes, else None.
+  row's finish_reason is set in the yield where it finishes, else None. Rows
+  whose Sampling asks for log-probs get them with their tokens (and their
+  prompt's in the first yield).
   """
   samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
   stops = [[*map(list, rows), [eos_id]] for rows in (stop_tokens or [[]] * len(prompts))]
@@ -311,15 +354,19 @@ def stream(model: GPT, params, prompts: Sequence[Sequence[int]], sampling: Sampl
   prompts = [*prompts, *[[eos_id]] * padding]
   samplings, stops = samplings + [Sampling(max_new_tokens=1)] * padding, stops + [[[eos_id]]] * padding
   host_state, prefill_len = _start(model, prompts, samplings, stops)
-  decode_state = _prefill(model, params, _on_devices(model, host_state, use_cache), prefill_len)
+  decode_state = _prefill(model, params, _on_devices(model, host_state, use_cache), prefill_len,
+                          any(s.prompt_logprobs for s in samplings))
+  fetched = ('tokens', 'lengths', 'stopped', 'done', *(('logprob', 'top_ids', 'top_logprob')
+                                                         if 'logprob' in host_state else ()))
   # Tokens that may be the start of a stop sequence are held back until it is clear they are not.
   held_back = max(len(seq) for rows in stops for seq in rows) - 1
   emitted_B = host_state['prompt_lengths'].copy()
   finished_B = np.zeros(len(prompts), bool)
   chunk = chunk or max(s.max_new_tokens for s in samplings)
+  first = True
   while not finished_B.all():
     decode_state = _decode(model, params, decode_state, decode_state['step'] + chunk)
-    host = sharding.to_host({k: decode_state[k] for k in ('tokens', 'lengths', 'stopped', 'done')})
+    host = sharding.to_host({k: decode_state[k] for k in fetched})
     deltas = []
     for row, (tokens_S, length, stopped, done) in enumerate(
         zip(host['tokens'], host['lengths'], host['stopped'], host['done'])):
@@ -331,10 +378,22 @@ def stream(model: GPT, params, prompts: Sequence[Sequence[int]], sampling: Sampl
       else:
         end = length - held_back
       end = max(end, emitted_B[row])
-      deltas.append(Continuation(tokens_S[emitted_B[row]:end].tolist(),
-                                 None if not done else 'stop' if stopped else 'length'))
+      delta = Continuation(tokens_S[emitted_B[row]:end].tolist(), None if not done else 'stop' if stopped else 'length')
+      if (top := samplings[row].logprobs) is not None:
+        delta.logprobs = _token_logprobs(host, row, emitted_B[row], end, top)
+        if first and samplings[row].prompt_logprobs:
+          delta.prompt_logprobs = _token_logprobs(host, row, 1, host_state['prompt_lengths'][row], top)
+      deltas.append(delta)
       emitted_B[row], finished_B[row] = end, done
+    first = False
     yield deltas[:num_rows]
+
+
+def _token_logprobs(host: dict, row: int, start: int, end: int, top: int) -> list[TokenLogprob]:
+  """The log-probs of a row's tokens at positions [start, end), with `top` alternatives each."""
+  return [TokenLogprob(int(host['tokens'][row, i]), float(host['logprob'][row, i]),
+                       tuple(zip(host['top_ids'][row, i, :top].tolist(), host['top_logprob'][row, i, :top].tolist())))
+          for i in range(start, end)]
 
 
 def _without_stop(row_tokens, stop_sequences) -> int:
@@ -354,52 +413,109 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], sampling: Sam
     for result, delta in zip(results, deltas):
       result.tokens += delta.tokens
       result.finish_reason = result.finish_reason or delta.finish_reason
+      if delta.logprobs is not None:
+        result.logprobs = (result.logprobs or []) + delta.logprobs
+      result.prompt_logprobs = result.prompt_logprobs or delta.prompt_logprobs
   return results
 
 
 # --- text in, text out ----------------------------------------------------
+
+_CONTEXT_TOKENS = 8  # tokens before one that decide how it reads (a leading space, the rest of a character)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextLogprob:
+  """A TokenLogprob as text: the text the token adds where it stands, and the likeliest tokens' texts there."""
+  text: str
+  logprob: float
+  top: tuple[tuple[str, float], ...]
+
 
 @dataclasses.dataclass
 class TextContinuation:
   text: str
   finish_reason: str | None  # 'stop', 'length', or None while the row is still running
   num_tokens: int = 0
+  logprobs: list[TextLogprob] | None = None  # the tokens of `text`, when the row's Sampling asks for log-probs
+  prompt_logprobs: list[TextLogprob] | None = None  # the prompt's tokens after BOS: in the first yield only
 
 
-def stream_text(model: GPT, params, tokenizer, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling], *,
-                chunk: int = 0) -> Iterator[list[TextContinuation]]:
+def stream_text(model: GPT, params, tokenizer, prompts: Sequence[str | Sequence[int]],
+                sampling: Sampling | Sequence[Sampling], *, chunk: int = 0) -> Iterator[list[TextContinuation]]:
   """`stream` for text: yields each row's new text; stop strings end a row and are cut off.
 
-  Stop strings also stop the decode loop as token sequences; a stop string the
+  A prompt is text (encoded after BOS) or token ids, used as they are. Stop
+  strings also stop the decode loop as token sequences; a stop string the
   model spells with other tokens is still found in the text, and cut there.
   """
   samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
-  prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+  prompt_ids = [encode_prompt(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
   stop_tokens = [[tokenizer.encode(text) for text in s.stop if text] for s in samplings]
-  tokens = [[] for _ in prompts]
-  emitted = [''] * len(prompts)
-  finished = [False] * len(prompts)
+  rows = [_TextRow(tokenizer, ids, s) for ids, s in zip(prompt_ids, samplings)]
   for deltas in stream(model, params, prompt_ids, samplings, eos_id=tokenizer.eos_id, stop_tokens=stop_tokens,
                        chunk=chunk):
+    yield [row.advance(delta) for row, delta in zip(rows, deltas)]
+
+
+class _TextRow:
+  """One row of `stream_text`: its tokens, the text sent so far, and log-probs waiting for their text to be sent."""
+
+  def __init__(self, tokenizer, prompt_ids: list[int], sampling: Sampling):
+    self.tokenizer, self.prompt_ids, self.stops = tokenizer, prompt_ids, sampling.stop
+    self.tokens, self.sent, self.finished = [], '', False
+    self.waiting, self.sent_logprob_chars = [], 0  # TextLogprobs not sent yet; the text length of those sent
+
+  def advance(self, delta: Continuation) -> TextContinuation:
+    if self.finished:
+      return TextContinuation('', None, len(self.tokens))
+    if delta.logprobs is not None:
+      self.waiting += _as_text(self.tokenizer, self.prompt_ids + self.tokens, delta.logprobs)
+    self.tokens += delta.tokens
+    text, reason = self.tokenizer.decode(self.tokens), delta.finish_reason
+    cut = min((i for i in (text.find(stop) for stop in self.stops if stop) if i >= 0), default=-1)
+    if cut >= 0:
+      text, reason = text[:cut], 'stop'
+    elif reason is None:
+      # Hold back an incomplete UTF-8 character and anything that may begin a stop string.
+      text = text.rstrip('\ufffd')
+      text = text[:len(text) - _longest_stop_prefix(text, self.stops)]
+    new_text = text[len(self.sent):] if text.startswith(self.sent) else ''
+    self.sent += new_text
+    self.finished = reason is not None
+    result = TextContinuation(new_text, reason, len(self.tokens))
+    if delta.logprobs is not None:
+      result.logprobs = self._logprobs_sent(cut_short=cut >= 0)
+    if delta.prompt_logprobs is not None:
+      result.prompt_logprobs = _as_text(self.tokenizer, self.prompt_ids[:1], delta.prompt_logprobs)
+    return result
+
+  def _logprobs_sent(self, cut_short: bool) -> list[TextLogprob]:
+    """The waiting log-probs whose text is now sent: at the end all of them, or those before a stop string's cut."""
     out = []
-    for row, delta in enumerate(deltas):
-      if finished[row]:
-        out.append(TextContinuation('', None, len(tokens[row])))
-        continue
-      tokens[row] += delta.tokens
-      text, reason = tokenizer.decode(tokens[row]), delta.finish_reason
-      cut = min((i for i in (text.find(stop) for stop in samplings[row].stop if stop) if i >= 0), default=-1)
-      if cut >= 0:
-        text, reason = text[:cut], 'stop'
-      elif reason is None:
-        # Hold back an incomplete UTF-8 character and anything that may begin a stop string.
-        text = text.rstrip('\ufffd')
-        text = text[:len(text) - _longest_stop_prefix(text, samplings[row].stop)]
-      new_text = text[len(emitted[row]):] if text.startswith(emitted[row]) else ''
-      emitted[row] += new_text
-      finished[row] = reason is not None
-      out.append(TextContinuation(new_text, reason, len(tokens[row])))
-    yield out
+    while self.waiting:
+      start, end = self.sent_logprob_chars, self.sent_logprob_chars + len(self.waiting[0].text)
+      if not (end <= len(self.sent) or self.finished and (not cut_short or start < len(self.sent))):
+        break
+      out.append(self.waiting.pop(0))
+      self.sent_logprob_chars = end
+    return out
+
+
+def _as_text(tokenizer, context: list[int], entries: list[TokenLogprob]) -> list[TextLogprob]:
+  """The tokens of `entries` as text, each read after `context` and the entries before it."""
+  ids, out = list(context), []
+  for entry in entries:
+    window = ids[-_CONTEXT_TOKENS:]
+    before = tokenizer.decode(window)
+
+    def piece(token: int) -> str:
+      text = tokenizer.decode(window + [token])
+      return text[len(before):] if text.startswith(before) else tokenizer.decode([token])
+
+    out.append(TextLogprob(piece(entry.token), entry.logprob, tuple((piece(t), lp) for t, lp in entry.top)))
+    ids.append(entry.token)
+  return out
 
 
 def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
@@ -407,15 +523,18 @@ def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
   return max((n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
 
 
-def complete(model: GPT, params, tokenizer, prompts: Sequence[str],
+def complete(model: GPT, params, tokenizer, prompts: Sequence[str | Sequence[int]],
              sampling: Sampling | Sequence[Sampling]) -> list[TextContinuation]:
-  """Continues each text prompt; returns the new text of each."""
+  """Continues each prompt (see `stream_text`); returns the new text of each."""
   results = [TextContinuation('', None) for _ in prompts]
   for deltas in stream_text(model, params, tokenizer, prompts, sampling):
     for result, delta in zip(results, deltas):
       result.text += delta.text
       result.finish_reason = result.finish_reason or delta.finish_reason
       result.num_tokens = delta.num_tokens
+      if delta.logprobs is not None:
+        result.logprobs = (result.logprobs or []) + delta.logprobs
+      result.prompt_logprobs = result.prompt_logprobs or delta.prompt_logprobs
   return results
 
 

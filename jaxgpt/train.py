@@ -19,42 +19,46 @@ import optax
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from jaxgpt import hf, inference, lora, paths, run_dir, run_lock, sharding, state as state_lib
+from jaxgpt import hf, inference, lora, paths, preference, run_dir, run_lock, sharding, state as state_lib, stopping
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli, validate
-from jaxgpt.data import builder, mixture, pipeline
+from jaxgpt.data import builder, mixture, pipeline, preference as preference_data
 from jaxgpt.evaluation import eval_sums, generation_metrics, held_out_metrics, loss_scope, read_references
-from jaxgpt.metrics import (MetricWriter, StepMetrics, TrainingClock, format_duration, model_flops_utilization,
-                            peak_flops_per_device)
+from jaxgpt.metrics import (METRICS_FILE, RESULTS_FILE, MetricWriter, StepMetrics, TrainingClock, format_duration,
+                            model_flops_utilization, peak_flops_per_device)
 from jaxgpt.model import GPT, build_model, flops_per_token, loss_sums, num_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.preemption import StopSignals
 from jaxgpt.sample import Sampling, complete
 
-RESULTS_FILE = 'results.json'
-METRICS_FILE = 'metrics.jsonl'  # every step's loss, grad norm and learning rate
 
-
-def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_cfg=None):
-  """The step; with LoRA settings, state.params are the adapters and `base` the frozen params they adapt."""
-  def train_step(state, batch, base=None):
+def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_cfg=None, dpo_cfg=None):
+  """The step. With LoRA settings, state.params are the adapters and `frozen` the base params they adapt. With
+  DPO settings, batches are preference pairs and the loss DPO's (jaxgpt/preference.py) against `frozen` as the
+  reference: the init_from model (with LoRA, the base itself with the adapters off: no second copy)."""
+  def train_step(state, batch, frozen=None):
     # The step's dropout key derives from the seed and the step alone: no RNG state to
     # checkpoint, and a resumed run draws the same masks.
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def loss_of(trainable, microbatch, micro_rng):
-      if lora_cfg is None:
-        return loss_sums(model, trainable, microbatch, micro_rng)
-      model_rng, adapter_rng = jax.random.split(micro_rng)
-      return loss_sums(model, lora.merge(base, trainable, lora_cfg, adapter_rng), microbatch, model_rng)
+      """(loss sum, (count, sums of the objective's other figures)): sums, so that microbatches add up."""
+      params = trainable
+      if lora_cfg is not None:
+        micro_rng, adapter_rng = jax.random.split(micro_rng)
+        params = lora.merge(frozen, trainable, lora_cfg, adapter_rng)
+      if dpo_cfg is not None:
+        return preference.dpo_sums(model, params, frozen, microbatch, dpo_cfg, micro_rng)
+      loss_sum, count = loss_sums(model, params, microbatch, micro_rng)
+      return loss_sum, (count, {})
 
     def grads_of(microbatch, micro_rng):
-      (loss_sum, count), grads = jax.value_and_grad(
+      (loss_sum, (count, sums)), grads = jax.value_and_grad(
           lambda p: loss_of(p, microbatch, micro_rng), has_aux=True)(state.params)
-      return loss_sum, count, grads
+      return loss_sum, count, sums, grads
 
     if accum_steps == 1:
-      loss_sum, count, grad_sum = grads_of(batch, rng)
+      loss_sum, count, sums, grad_sum = grads_of(batch, rng)
     else:
       # Row i of microbatch j is row i * accum + j of the batch: each device keeps its own rows.
       micro = jax.tree.map(
@@ -62,11 +66,11 @@ def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_c
 
       def accumulate(carry, xs):
         microbatch, j = xs
-        loss_sum, count, grads = grads_of(microbatch, jax.random.fold_in(rng, j))
-        return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+        return jax.tree.map(jnp.add, carry, grads_of(microbatch, jax.random.fold_in(rng, j))), None
 
-      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-      (loss_sum, count, grad_sum), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
+      shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      (loss_sum, count, sums, grad_sum), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
 
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grad_sum)
@@ -83,10 +87,23 @@ def make_train_step(model, tx, schedule, accum_steps: int, seed: int = 0, lora_c
     new_state = state.replace(step=state.step + 1,
                               params=keep_finite(optax.apply_updates(state.params, updates), state.params),
                               opt_state=keep_finite(opt_state, state.opt_state))
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state.step), 'finite': finite}
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state.step), 'finite': finite,
+               **{name: value / count for name, value in sums.items()}}
     return new_state, metrics
 
   return train_step
+
+
+def _log_pairs(writer, pairs: dict, seq_len: int) -> None:
+  """How many preference pairs each split gives rows of seq_len tokens, and what did not fit; none is an error."""
+  for split, rows in pairs.items():
+    writer.log(f'data: {len(rows):,} {split} preference pairs'
+               + (f'; {rows.truncated:,} longer than seq_len + 1 = {seq_len + 1} tokens lost the start of their '
+                  'prompt' if rows.truncated else '')
+               + (f'; {rows.dropped:,} left out, their responses alone longer than that' if rows.dropped else ''))
+    if not len(rows):
+      raise JaxgptError(f'no {split} preference pair fits rows of seq_len={seq_len} tokens: their responses alone '
+                        'are longer. Raise seq_len (and model.max_len), or shorten the responses.')
 
 
 def _log_validation(writer, step: int, results: dict, whole_split: bool, scope: str) -> None:
@@ -150,16 +167,20 @@ class Run:
   meta: dict
   train_batches: pipeline.BatchIterator
   train_step: Callable  # (state, batch, frozen) -> (state, metrics); jitted, state donated
-  eval_step: Callable  # (params, batch) -> evaluation.eval_sums
+  eval_step: Callable  # (params, batch) -> evaluation.eval_sums (DPO: preference.eval_sums)
   references: list  # eval.references examples for BLEU/ROUGE at each validation
-  frozen: Any = None  # LoRA: the frozen base params, an argument of every step
+  tokens_per_step: int  # through the model: DPO's batches hold two rows per pair
+  # The frozen params, an argument of every step: LoRA's base, DPO's reference (init_from: with LoRA, that base).
+  frozen: Any = None
   merge: Callable | None = None  # LoRA: (frozen, adapters) -> params
+  held_out_pairs: Any = None  # DPO: the validation split's preference pairs (data.preference.PairRows)
+  epoch_steps: float = 0.0  # steps in one pass over the training split
   model_flops: float = 0.0  # per token
   peak_flops: float = 0.0  # per device
 
   def model_params(self, state):
     """The params the model runs with: for LoRA, the base with the adapters merged in."""
-    return state.params if self.frozen is None else self.merge(self.frozen, state.params)
+    return state.params if self.merge is None else self.merge(self.frozen, state.params)
 
 
 def set_up(config, workdir: str):
@@ -170,7 +191,8 @@ def set_up(config, workdir: str):
   """
   validate(config)
   lora.check_config(config)
-  lora_cfg = lora.settings(config)
+  preference.check_config(config)
+  lora_cfg, dpo_cfg = lora.settings(config), preference.settings(config)
   sharding.initialize_distributed(config.distributed)
   if config.train.compilation_cache_dir:
     _use_compilation_cache(paths.expand(config.train.compilation_cache_dir))
@@ -179,7 +201,7 @@ def set_up(config, workdir: str):
   sharding.check_divisibility(config, mesh.shape)
   paths.check_writable(workdir, '--workdir')  # every process: a bucket or credentials missing on any host fail here
   lock = run_lock.acquire(workdir)  # before anything writes to the workdir
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, config)
   # Fine-tuning: the data is tokenized with the base model's own tokenizer.
   base = inference.load_base(config) if config.init_from else None
   base_tokenizer = base.tokenizer if base else None
@@ -192,7 +214,12 @@ def set_up(config, workdir: str):
   _check_tokenizer(workdir, tokenizer)
 
   model = build_model(config, tokenizer.vocab_size)
-  steps = config.train.num_steps
+  pairs = None
+  if dpo_cfg is not None:
+    pairs = {split: data.pairs(split, config.seq_len) for split in ('train', 'validation')}
+    _log_pairs(writer, pairs, config.seq_len)
+  per_epoch = stopping.steps_per_epoch(config, data.report['train']['tokens'], pairs and len(pairs['train']))
+  steps = stopping.resolve_num_steps(config, per_epoch, writer.log)
   tx = make_optimizer(config.optim, steps)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, keep_every=config.train.keep_every)
   meta = state_lib.checkpoint_meta(config, tokenizer)
@@ -201,6 +228,10 @@ def set_up(config, workdir: str):
   make_train_batches = lambda seed: pipeline.make_iterator(
       data.chunks('train', config.seq_len + 1), seq_len=config.seq_len, seed=seed,
       shuffle=config.data.shuffle, local_batch_size=config.batch_size // jax.process_count())
+  if dpo_cfg is not None:
+    make_train_batches = lambda seed: preference_data.make_iterator(
+        pairs['train'], seed=seed, shuffle=config.data.shuffle,
+        local_batch_size=config.batch_size // jax.process_count())
   train_batches = make_train_batches(config.seed)
 
   abstract = state_lib.abstract_state(model, tx, config.seq_len, mesh, rules, lora_cfg)
@@ -231,33 +262,46 @@ def set_up(config, workdir: str):
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   param_shardings = state_lib.state_shardings(model, tx, config.seq_len, mesh, rules).params
   frozen = merge = None
-  if lora_cfg is not None:
+  if lora_cfg is not None or dpo_cfg is not None:
     frozen = jax.device_put(hf.params_in_layout(base.params, config.model.scan_layers), param_shardings)
+  if lora_cfg is not None:
     merge = jax.jit(lambda base_params, adapters: lora.merge(base_params, adapters, lora_cfg),
                     out_shardings=param_shardings)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   train_step = jax.jit(
       make_train_step(model, tx, learning_rate_schedule(config.optim, steps), config.optim.grad_accum_steps,
-                      config.seed + 1, lora_cfg),
+                      config.seed + 1, lora_cfg, dpo_cfg),
       in_shardings=(state_shardings, batch_sharding, None if frozen is None else param_shardings),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   token_bytes = tokenizer.token_bytes()
-  eval_step = jax.jit(lambda params, batch: eval_sums(model, params, batch, token_bytes),
-                      in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+  if dpo_cfg is None:
+    eval_step = jax.jit(lambda params, batch: eval_sums(model, params, batch, token_bytes),
+                        in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+  else:
+    pair_sums = jax.jit(
+        lambda params, batch, reference: preference.eval_sums(model, params, reference, batch, dpo_cfg, token_bytes),
+        in_shardings=(param_shardings, batch_sharding, param_shardings), out_shardings=replicated)
+    eval_step = lambda params, batch: pair_sums(params, batch, frozen)
 
-  model_flops = flops_per_token(model.cfg, config.seq_len)
+  # DPO runs each row through the reference model too: a forward pass, a third of a training step's work.
+  model_flops = flops_per_token(model.cfg, config.seq_len) * (1 if dpo_cfg is None else 4 / 3)
   peak, peak_source = peak_flops_per_device(config.train.peak_flops_per_device)
   trained = num_params(state.params)
   total = trained if frozen is None else num_params(frozen)
   writer.log(f'model: {total / 1e6:.2f}M parameters, {model_flops / 1e6:.1f} MFLOPs/token; '
              f'mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s per device ({peak_source})')
-  if frozen is not None:
+  if lora_cfg is not None:
     writer.log(f'LoRA rank {lora_cfg.rank} on {", ".join(lora_cfg.targets)}: {trained:,} trained parameters '
                f'({100 * trained / total:.2f}%); the base at {config.init_from} stays frozen')
+  if dpo_cfg is not None:
+    writer.log(f'DPO ({dpo_cfg.loss} loss, beta {dpo_cfg.beta}) against {config.init_from}, frozen as the reference'
+               + (' (the base, adapters off)' if lora_cfg is not None else ''))
   writer.log(f'optimizer state: {_num_bytes(state.opt_state) / 1e6:.2f} MB for {trained:,} trained parameters')
   run = Run(config=config, workdir=workdir, writer=writer, mesh=mesh, rules=rules, data=data, model=model,
             checkpointer=checkpointer, lock=lock, meta=meta, train_batches=train_batches, train_step=train_step,
             eval_step=eval_step, references=references, frozen=frozen, merge=merge,
+            tokens_per_step=config.batch_size * config.seq_len * (1 if dpo_cfg is None else 2),
+            held_out_pairs=None if pairs is None else pairs['validation'], epoch_steps=per_epoch[0],
             model_flops=model_flops, peak_flops=peak)
   return run, state, start
 
@@ -273,15 +317,18 @@ def _train_from(run: Run, state, start: int) -> dict:
   """The training loop from step `start`, then the final figures and samples."""
   config = run.config
   writer, steps = run.writer, config.train.num_steps
-  tokens_per_step = config.batch_size * config.seq_len
+  tokens_per_step = run.tokens_per_step
   results = {}
   step_metrics = StepMetrics(paths.path(run.workdir) / METRICS_FILE, start, config.train.on_nonfinite, writer.log)
+  writer.start_history(start)
+  validations = _restored_validations(run, start)
+  end = start if validations.exhausted else steps  # a run that stopped early, run again, trains no further
   stopped_by = None
   clock = TrainingClock()
   first_step_seconds, train_seconds, timed_steps = 0.0, 0.0, 0  # in train steps alone, for the final summary
   # Leaving this block, by the end or by an error, waits for the save in flight to complete.
   with sharding.activation_rules(run.mesh, run.rules), StopSignals() as stop_signals, run.checkpointer:
-    for step in range(start, steps):
+    for step in range(start, end):
       batch = sharding.global_batch(next(run.train_batches), run.mesh)
       state, metrics = run.train_step(state, batch, run.frozen)
       done = step + 1
@@ -305,27 +352,36 @@ def _train_from(run: Run, state, start: int) -> dict:
         _log_progress(run, done, step_metrics.take(), elapsed / interval_steps)
       if validate_now:
         with clock.paused():
-          results = _validate(run, state, done, whole_split=done == steps and config.train.final_eval_whole_split)
+          whole_split = done == steps and config.train.final_eval_whole_split
+          results = _validate(run, state, done, whole_split)
+          save_now = _track_validation(run, validations, state, done, results, whole_split) or save_now
       if save_now:
         with clock.paused():
-          run.checkpointer.save(done, state, run.train_batches, run.meta)
+          run.checkpointer.save(done, state, run.train_batches, {**run.meta, **validations.to_meta()})
       if stopping:
         stopped_by = stop_signals.received or 'a preemption notice'
+        break
+      if validations.exhausted:
+        end = done
         break
   if stopped_by:
     writer.log(f'step {done}: stopped by {stopped_by}; saved a checkpoint at step {done}. '
                'Run the same command to resume.')
     writer.close()
     return {'step': done, 'stopped_by': stopped_by}
-  if not results:  # resumed at the end: nothing trained, but the figures are still reported
-    results = _validate(run, state, start, whole_split=config.train.final_eval_whole_split)
+  end = max(start, end)
+  if not results or (end < steps and config.train.final_eval_whole_split):
+    # Resumed at the end (nothing trained, but the figures are still reported), or stopped early: the
+    # figures of the whole split, as at a normal end.
+    results = _validate(run, state, end, whole_split=config.train.final_eval_whole_split)
   if timed_steps:
     results['seconds_per_step'] = train_seconds / timed_steps  # after the first (compiling) one
-    writer.log(f'trained {steps - start} steps in {format_duration(first_step_seconds + train_seconds)}: '
+    writer.log(f'trained {end - start} steps in {format_duration(first_step_seconds + train_seconds)}: '
                f'{format_duration(first_step_seconds)} for the first (compiling), then '
                f'{tokens_per_step / results["seconds_per_step"]:,.0f} tokens/s; validation and checkpoints '
                'not counted')
-  results.update(step=max(start, steps), train_seconds=first_step_seconds + train_seconds)
+  results.update(step=end, train_seconds=first_step_seconds + train_seconds,
+                 **_stopping_results(run, validations, stopped_early=end < steps, step=end))
   for name, shares in _token_shares(run).items():  # a mixture: beside each source's validation figures
     results['mixture'][name].update(shares)
   if jax.process_index() == 0:
@@ -336,16 +392,23 @@ def _train_from(run: Run, state, start: int) -> dict:
 
 
 def _log_progress(run: Run, step: int, host_metrics: list[dict], step_seconds: float) -> None:
-  tokens_per_sec = run.config.batch_size * run.config.seq_len / step_seconds
+  tokens_per_sec = run.tokens_per_step / step_seconds
   mfu = model_flops_utilization(run.model_flops, tokens_per_sec, run.peak_flops, jax.device_count())
   loss = float(np.mean([m['loss'] for m in host_metrics]))
   last, steps = host_metrics[-1], run.config.train.num_steps
+  epoch = {'train/epoch': _epochs(run, step)} if run.config.train.num_epochs else {}
   run.writer.log(f'step {step}/{steps} | loss {loss:.3f} | lr {last["learning_rate"]:.2e} | '
                  f'grad norm {last["grad_norm"]:.2f} | {tokens_per_sec:,.0f} tok/s | '
-                 f'MFU {100 * mfu:.1f}% | ETA {format_duration(step_seconds * (steps - step))}')
+                 f'MFU {100 * mfu:.1f}% | ETA {format_duration(step_seconds * (steps - step))}'
+                 + ''.join(f' | epoch {value:.3f}' for value in epoch.values()))
   run.writer.scalars(step, {'train/loss': loss, 'train/learning_rate': float(last['learning_rate']),
                             'train/grad_norm': float(last['grad_norm']),
-                            'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu})
+                            'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': mfu, **epoch})
+  if run.held_out_pairs is not None:  # DPO: the training pairs' figures, means over the steps since the last log
+    figures = {name: float(np.mean([m[name] for m in host_metrics])) for name in preference.FIGURES}
+    run.writer.log(f'step {step}: preference accuracy {figures["accuracy"]:.1%} | reward margin '
+                   f'{figures["reward_margin"]:.3f} | KL estimate {figures["kl"]:.4f} (training pairs)')
+    run.writer.scalars(step, {f'train/dpo_{name}': value for name, value in figures.items()})
   shares = _token_shares(run)
   if shares:
     run.writer.log(f'step {step}: {mixture.shares_line(shares)}')
@@ -360,13 +423,28 @@ def _token_shares(run: Run) -> dict:
   return mixture.token_shares(batches.source_tokens, run.data.weights, jax.process_count())
 
 
+def _held_out(run: Run, params, whole_split: bool) -> dict:
+  """The held-out figures of the run's objective: the language model's, or DPO's on the held-out pairs."""
+  if run.held_out_pairs is not None:
+    return preference.held_out_metrics(run.eval_step, params, run.held_out_pairs, run.config, run.mesh, whole_split)
+  return held_out_metrics(run.eval_step, params, run.data, run.config, run.mesh, whole_split)
+
+
 def _validate(run: Run, state, step: int, whole_split: bool) -> dict:
   params = run.model_params(state)
-  results = held_out_metrics(run.eval_step, params, run.data, run.config, run.mesh, whole_split)
+  results = _held_out(run, params, whole_split)
   if run.references:
     _log_generation_metrics(run.writer, step, run.model, params, run.data.tokenizer, run.references,
                             run.config.eval)
-  _log_validation(run.writer, step, results, whole_split, loss_scope(run.config.data))
+  if run.held_out_pairs is None:
+    _log_validation(run.writer, step, results, whole_split, loss_scope(run.config.data))
+  else:
+    _log_validation(run.writer, step, results['chosen_responses'], whole_split,
+                    'the chosen responses of held-out preference pairs')
+    run.writer.log(f'step {step}: preference accuracy {results["accuracy"]:.1%} | reward margin '
+                   f'{results["reward_margin"]:.3f} | DPO loss {results["loss"]:.4f} | KL estimate '
+                   f'{results["kl"]:.4f} ({results["pairs"]:,} held-out pairs)')
+    run.writer.scalars(step, {f'val/dpo_{name}': results[name] for name in ('loss',) + preference.FIGURES})
   if isinstance(run.data, mixture.PreparedMixture):  # each source's held-out figures beside the mixture's
     by_source = {name: held_out_metrics(run.eval_step, params, part, run.config, run.mesh, whole_split)
                  for name, part in run.data.parts.items()}
@@ -374,6 +452,57 @@ def _validate(run: Run, state, step: int, whole_split: bool) -> dict:
                    + ' | '.join(f'{name} {figures["loss"]:.3f}' for name, figures in by_source.items()))
     run.writer.scalars(step, {f'val/loss_{name}': figures['loss'] for name, figures in by_source.items()})
     results['mixture'] = {name: {'validation': figures} for name, figures in by_source.items()}
+  return results
+
+
+def _epochs(run: Run, step: int) -> float:
+  return step / max(run.epoch_steps, 1e-9)
+
+
+def _restored_validations(run: Run, start: int) -> stopping.Validations:
+  """Early stopping's and keep_best's record as the checkpoint the run resumed from saved it."""
+  validations = stopping.Validations.from_meta(run.checkpointer.read_meta(start) if start else None,
+                                               run.config.train.early_stopping_patience)
+  if run.config.train.keep_best:
+    run.checkpointer.keep_also(validations.best_step)
+  if validations.exhausted:
+    run.writer.log(f'step {start}: this run stopped early ({validations.since_best} validations without a lower '
+                   'loss): nothing more to train. Raise train.early_stopping_patience to go on.')
+  return validations
+
+
+def _track_validation(run: Run, validations: stopping.Validations, state, step: int, results: dict,
+                      whole_split: bool) -> bool:
+  """Adds a validation to early stopping's and keep_best's record; True when its step must be saved (a new best
+  that keep_best keeps, or the step the run stops at)."""
+  train_cfg = run.config.train
+  if not (train_cfg.keep_best or train_cfg.early_stopping_patience):
+    return False
+  # The other validations read a sample of the held-out split: the whole split is another measure.
+  loss = results['loss'] if not whole_split else _held_out(run, run.model_params(state), False)['loss']
+  best = validations.add(step, loss)
+  if best and train_cfg.keep_best:
+    run.checkpointer.keep_also(step)
+  if validations.exhausted:
+    run.writer.log(f'step {step}: early stopping: the validation loss has not gone below {validations.best_loss:.4f} '
+                   f'(step {validations.best_step}) in {validations.since_best} validations '
+                   f'(train.early_stopping_patience={validations.patience}); saved a checkpoint at step {step}.')
+  return (best and train_cfg.keep_best) or validations.exhausted
+
+
+def _stopping_results(run: Run, validations: stopping.Validations, stopped_early: bool, step: int) -> dict:
+  """What results.json says of epochs, the best validation and early stopping, for the settings that ask."""
+  train_cfg, results = run.config.train, {}
+  if train_cfg.num_epochs:
+    results['epochs'] = _epochs(run, step)
+  if train_cfg.keep_best or train_cfg.early_stopping_patience:
+    results['best'] = {'step': validations.best_step, 'loss': validations.best_loss,
+                       'checkpoint_kept': train_cfg.keep_best}
+    run.writer.log(f'best validation: loss {validations.best_loss:.4f} at step {validations.best_step} (on the '
+                   'validation sample)' + (f'; its checkpoint is kept: evaluate it with --step {validations.best_step}'
+                               if train_cfg.keep_best else ''))
+  if train_cfg.early_stopping_patience:
+    results['stopped_early'] = stopped_early
   return results
 
 

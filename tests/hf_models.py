@@ -71,6 +71,20 @@ def save_llama(directory: str, layers: int = 2, heads: int = 4, kv_heads: int = 
   return model
 
 
+def save_model(directory: str, config, vocab_padding: int = 0):
+  """A random model of any transformers `config` with its tokenizer in `directory`; returns it (eval mode).
+
+  Its vocab_size is set to the tokenizer's plus vocab_padding: embedding rows no token reaches, as GPT-J,
+  Pythia and Qwen2 pad theirs. Attention is the eager implementation, which applies every mask (sliding windows).
+  """
+  _, transformers = require_transformers()
+  config.vocab_size = save_tokenizer(directory) + vocab_padding
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation='eager').eval()
+  _randomize_norms(model)
+  model.save_pretrained(directory)
+  return model
+
+
 def _randomize_norms(model) -> None:
   """Norm scales start at 1 and biases at 0; random values make a wrong mapping show in the logits."""
   import torch

@@ -45,6 +45,8 @@ def test_every_config_file_is_covered():
       'quickstart', 'gpt2', 'llama_tiny', 'llama_1b', 'web_text',
       'finetune_gpt2', 'sft_alpaca',  # exercised by tests/test_finetune.py
       'lora',  # exercised by tests/test_lora.py
+      'dpo',  # exercised by tests/test_preference.py
+      'chat', 'content', 'codegen', 'summarization', 'qa', 'sentiment',  # trained by docs/recipes.md's commands
       'mixture'}  # exercised by tests/test_mixture.py
 
 

@@ -225,6 +225,11 @@ class Snippet(Run):
 
 
 @dataclasses.dataclass(frozen=True)
+class SnippetRequest(Snippet, Request):
+  """A Python block run as a Snippet while the server started by the Serve step before it is up."""
+
+
+@dataclasses.dataclass(frozen=True)
 class NotHere:
   """Cannot run on a CPU without a network; `check(command, flow)` is the strongest check that runs here."""
   reason: str
@@ -266,6 +271,9 @@ BENCH_ON_A_TINY_CONFIG = f'--config configs/quickstart.py {BENCH_TINY}'  # --con
 # Figures a command of each kind prints; each must be there and finite.
 FIGURES = {
     'python -m jaxgpt.train': r'validation loss (\S+) \| perplexity (\S+) \| (\S+) bits/byte',
+    'python -m jaxgpt.evaluate --tasks': r'\|\s*([^|\s]+)\s*\|±',  # each value of lm-eval's table
+    'python -m jaxgpt.evaluate --compare': r'^(\d+) prompts continued by both runs',
+    'python -m jaxgpt.evaluate --task ': r'(?:pass@\d+|ROUGE-\w|BLEU|exact match|F1|accuracy) (\S+)',  # recipes.md
     'python -m jaxgpt.evaluate': r'loss (\S+) \| perplexity (\S+) \| bits per byte (\S+)',
     'python -m jaxgpt.prepare': r'tokenizer: .* (\S+) tokens/byte',
     'python tools/plan.py': r'total\s+(\S+)',
@@ -274,6 +282,7 @@ FIGURES = {
     'python tools/bench_data.py': r'^slowest stage in one process, \w+: .* \((\S+) MB/s\)$',
     'python tools/sweep.py': r'"bits_per_byte": ([^,}]+)',
     'python tools/near_dup_recall.py': r'^\| \d+ \| \d+ \| [\d.]+ \| (\S+)%',
+    'curl -s localhost:8765/metrics': r'^\w+(?:\{.*\})? (\S+)$',  # Prometheus' text format (docs/serving.md)
     'curl': r'"completion_tokens":\s*(\S+?)[,}]',
 }
 
@@ -327,7 +336,7 @@ def make_home(home: str) -> None:
 def make_workdir(directory: str) -> None:
   """A checkout's stand-in (configs/, tools/) with the input files the docs name, in `directory`."""
   os.makedirs(directory)
-  for name in ('configs', 'tools'):
+  for name in ('configs', 'tools', 'examples'):
     os.symlink(os.path.join(REPO, name), os.path.join(directory, name))
   paragraphs = _paragraphs()
   _write_jsonl(os.path.join(directory, 'corpus.jsonl'), ({'text': p} for p in paragraphs))
@@ -336,6 +345,9 @@ def make_workdir(directory: str) -> None:
   _write_jsonl(os.path.join(directory, 'alpaca.jsonl'),
                ({'instruction': 'Upper-case the word.', 'input': w, 'output': w.upper()}
                 for w in ('fox', 'dog', 'cat', 'owl', 'bee', 'elk', 'ant', 'cow', 'yak', 'emu') * 6))
+  _write_jsonl(os.path.join(directory, 'prefs.jsonl'),  # docs/finetuning.md's preference pairs
+               ({'prompt': f'Upper-case word {i}: {w}', 'chosen': w.upper(), 'rejected': w}
+                for i, w in enumerate(('fox', 'dog', 'cat', 'owl', 'bee', 'elk', 'ant', 'cow', 'yak', 'emu') * 4)))
   _write_jsonl(os.path.join(directory, 'chat.jsonl'),
                ({'prompt': f'What does paragraph {i} of the docs say?', 'answer': p} for i, p in enumerate(paragraphs)))
   _write_jsonl(os.path.join(directory, 'refs.jsonl'), [{'prompt': 'import ', 'reference': 'import os'},
@@ -383,16 +395,18 @@ class Flow:
 
 # The pages whose commands share a sandbox, in order; README's quickstart run is performance.md's too.
 FLOWS = {
-    'quickstart': ('README.md', 'docs/performance.md'),
+    'quickstart': ('README.md', 'docs/evaluation.md', 'docs/performance.md', 'docs/experiments.md',
+                   'docs/serving.md'),
     'data': ('docs/data.md', 'docs/storage.md'),
     'finetuning': ('docs/finetuning.md',),
     'cluster': ('docs/gpu.md', 'docs/tpu.md'),
     'sharding': ('docs/sharding.md',),
+    'recipes': ('docs/recipes.md',),
 }
 # Two at a time, flows that share a data cache directory one after the other in the same lane
 # (a rebuilt cache directory is replaced while another process may read it). Flows only
 # tests/test_end_to_end.py has go to the second lane.
-LANES = (('quickstart', 'data'), ('finetuning', 'cluster', 'sharding'))
+LANES = (('quickstart', 'data'), ('finetuning', 'cluster', 'sharding', 'recipes'))
 
 
 class CommandRuns:
@@ -857,6 +871,21 @@ def _fields_missing(shown, answer, where='') -> list[str]:
   return [] if same_type else [f'{where} ({type(answer).__name__})']
 
 
+def _json_like_the_page(result, flow) -> None:
+  missing = _fields_missing(json.loads(_shown_output(result)), json.loads(result.stdout))
+  assert not missing, f'fields the page shows are not in the answer: {missing}'
+
+
+def _metrics_like_the_page(result, flow) -> None:
+  for series in re.findall(r'^(\w+\{.*\}) ', _shown_output(result), re.M):
+    assert series in result.stdout, f'{series} is in the metrics the page shows, not in these:\n{result.stdout}'
+
+
+def _openai_client_answered(result, flow) -> None:
+  lines = result.stdout.splitlines()
+  assert [line.split(' ', 1)[0] for line in lines[:4]] == ['0', '1', '2', '3'] and len(lines) >= 6, result.stdout
+
+
 def _completion_like_the_page(result, flow) -> None:
   answer = json.loads(result.stdout)
   missing = _fields_missing(json.loads(_shown_output(result)), answer)
@@ -972,10 +1001,74 @@ def _sweep_rows(result, flow) -> None:
   assert faster == quickstart < wider
 
 
+def _lr_sweep_rows(result, flow) -> None:
+  """Each variant's row is its own run's: its learning rate reached the run, its figures are the run's."""
+  rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+  assert sorted((r['variant'], r['optim.lr']) for r in rows) == [('lr=2e-2', '2e-2'), ('lr=3e-3', '3e-3')]
+  for row in rows:
+    run = os.path.join(flow.directory, 'runs', 'lr', row['variant'])
+    results = json.load(open(os.path.join(run, 'results.json')))
+    assert json.load(open(os.path.join(run, 'config.json')))['optim']['lr'] == float(row['optim.lr'])
+    assert row['loss'] == results['loss'] and row['steps'] == results['step'] and results['epochs'] > 0
+    assert {'best', 'stopped_early'} <= set(results)
+  csv_lines = open(os.path.join(flow.directory, 'runs', 'lr', 'sweep.csv')).read().splitlines()
+  assert [line.split(',')[0] for line in csv_lines] == ['variant', 'lr=3e-3', 'lr=2e-2']
+
+
+def _compared(result, flow) -> None:
+  report = os.path.join(flow.directory, 'runs', 'lr', 'report')
+  assert {'runs.md', 'runs.csv', 'loss_vs_steps.png', 'loss_vs_tokens.png', 'loss_vs_time.png'} <= set(
+      os.listdir(report))
+  assert '| lr=3e-3 |' in result.stdout and '| lr=2e-2 |' in result.stdout
+
+
+def _cost_the_page_shows(result, flow) -> None:
+  """The time, device-hours and cost in the page's table are what the command prints."""
+  found = re.search(r'TFLOP/s:\s+(.+?) \((\S+) device-hours\), (\$[\d,]+) at', result.stdout)
+  page = open(os.path.join(REPO, 'docs', 'experiments.md')).read()
+  assert found and all(f'| {figure} |' in page for figure in found.groups()), found
+
+
 def _exported(directory: str):
   def expect(result, flow):
     assert {'config.json', 'model.safetensors', 'tokenizer.json'} <= set(
         os.listdir(os.path.expanduser(directory))), os.listdir(os.path.expanduser(directory))
+  return expect
+
+
+def _preference_tuned(result, flow) -> None:
+  assert re.search(r'preference accuracy [\d.]+% \| reward margin \S+ \| DPO loss \S+ \| KL estimate \S+ '
+                   r'\(\d+ held-out pairs\)', result.stdout), result.stdout[-2000:]
+
+
+def _hub_login_command_exists(command, flow) -> None:
+  result = subprocess.run([*shlex.split(command.text), '--help'], env={**os.environ, 'HF_HUB_OFFLINE': '1'},
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and '--token' in result.stdout, result.stderr[-2000:]
+
+
+def _push_exports_then_reports_the_upload(command, flow) -> None:
+  """Run as written, offline with a token: the export completes (its card under --license), then the upload
+  fails in one line that says the folder is complete."""
+  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'HOME': flow.home, 'HF_HUB_OFFLINE': '1',
+         'HF_TOKEN': 'hf_offline', 'PATH': f'{os.path.dirname(sys.executable)}:{os.environ["PATH"]}'}
+  result = subprocess.run(shlex.split(command.text), cwd=flow.directory, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 2 and 'exported folder is complete' in result.stderr, result.stderr[-2000:]
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+  card = open(os.path.join(flow.home, 'models', 'gpt2-sft', 'README.md')).read()
+  assert card.startswith('---\nlicense: "mit"\n') and 'machine-generated' in card, card[:500]
+
+
+def _task_evaluated(run: str, task: str, examples: int):
+  """The labels the page shows; the task's results and a sample per completion in the run's eval/step_3/TASK/."""
+  def expect(result, flow):
+    _labels_the_page_shows(result, flow)
+    directory = os.path.join(flow.directory, 'runs', run, 'eval', 'step_3', task)
+    results = json.load(open(os.path.join(directory, 'results.json')))
+    assert results['task'] == task and results['examples'] == examples, results
+    samples = open(os.path.join(directory, 'samples.jsonl')).read().splitlines()
+    assert len(samples) == examples * results.get('samples_per_problem', 1)
   return expect
 
 
@@ -985,6 +1078,46 @@ def _loads_in_transformers(result, flow) -> None:
 
 def _sharding_rule_overridden(result, flow) -> None:
   assert json.loads(result.stdout) == {'vocab': None, 'act_vocab': None, 'embed': 'fsdp'}, result.stdout
+
+
+def _local_tasks_scored(result, flow) -> None:
+  """Both of the page's tasks, offline, on every document, with the metrics the page shows, written to a file."""
+  assert '(local files: offline)' in result.stdout
+  _labels_the_page_shows(result, flow)
+  found = json.load(open(os.path.join(flow.directory, 'runs', 'tiny', 'eval', 'step_10',
+                                      'harness_code_choice+code_line.json')))
+  assert set(found['results']['code_choice']) >= {'acc,none', 'acc_norm,none'}
+  assert {k: v['effective'] for k, v in found['n-samples'].items()} == {'code_choice': 4, 'code_line': 2}
+
+
+def _standard_tasks_known(command, flow) -> None:
+  """lm-eval has each task named, of the kind the page says; the run is the one docs/finetuning.md imports."""
+  import lm_eval
+  from jaxgpt.eval.harness import local_task_configs
+  tasks = os.path.join(os.path.dirname(lm_eval.__file__), 'tasks')
+  configs = {name: config for folder in ('hellaswag', 'arc', 'lambada')
+             for name, config in local_task_configs(os.path.join(tasks, folder)).items()}
+  named = re.search(r'--tasks (\S+)', command.text).group(1).split(',')
+  assert {name: configs[name]['output_type'] for name in named} == {
+      'hellaswag': 'multiple_choice', 'arc_easy': 'multiple_choice', 'arc_challenge': 'multiple_choice',
+      'lambada_openai': 'loglikelihood'}
+  assert '--workdir=runs/gpt2' in _page_command('docs/finetuning.md', r'jaxgpt\.convert --import_hf')
+
+
+def _blind_sheet_written(result, flow) -> None:
+  sheet = open(os.path.join(flow.directory, 'ab', 'sheet.csv')).read()
+  key = json.load(open(os.path.join(flow.directory, 'ab', 'key.json')))
+  assert sheet.startswith('id,prompt,output_1,output_2,preference\n1,import ,') and 'runs/' not in sheet
+  assert key['runs'] == ['runs/quickstart', 'runs/mine_jsonl'] and sorted(key['rows']) == ['1', '2']
+
+
+def _unjudged_sheet_refused(result, flow) -> None:
+  """Nobody has filled in the sandbox's sheet, so the tally says so (the page shows a filled-in one)."""
+  assert 'error: no row of ab/sheet.csv is judged yet' in result.stderr, result.stderr[-1000:]
+
+
+# The page's Python block that writes its task files; too long to spell here, so looked up by its beginning.
+EVALUATION_TASK_FILES = ' '.join(_page_command('docs/evaluation.md', r"^from pathlib import Path\s+tasks = ").split())
 
 
 TABLE = {
@@ -1020,6 +1153,41 @@ TABLE = {
         'python -m jaxgpt.sample --workdir gs://my-bucket/runs/llama1b --prompt "The meaning of life is"': NotHere(
             'reads a run in a Cloud Storage bucket; docs/tpu.md\'s sample command, which runs here with local paths',
             _as_the_tpu_page_runs_it(r'^~/venv/bin/python -m jaxgpt\.sample')),
+    },
+    'docs/serving.md': {
+        'python -m jaxgpt.serve --workdir runs/tiny --port 8765 --audit_log ~/jaxgpt-audit.jsonl '
+        '--blocked_words=zorblax': Serve(),
+        "from openai import OpenAI client = OpenAI(base_url='http://localhost:8765/v1', api_key='unused') # or the "
+        "server's key (JAXGPT_API_KEY) completion = client.completions.create(model='tiny', prompt=['def ', 'import "
+        "'], n=2, max_tokens=16, logprobs=2, seed=1) for choice in completion.choices: # prompt 0's two choices, then "
+        "prompt 1's print(choice.index, repr(choice.text), choice.logprobs.token_logprobs[:3]) reply = "
+        "client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'Write a loop'}], "
+        'max_tokens=16) print(reply.choices[0].message.content) for chunk in '
+        "client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'Write a loop'}], "
+        "max_tokens=16, stream=True): print(chunk.choices[0].delta.content or '', end='', flush=True) print()":
+            SnippetRequest(expect=_openai_client_answered),
+        'curl -s localhost:8765/v1/chat/completions -H \'Content-Type: application/json\' -d \'{"model": "tiny", '
+        '"messages": [{"role": "user", "content": "Write a loop"}], "max_tokens": 12, "seed": 1}\'':
+            Request(expect=_json_like_the_page),
+        'curl -s localhost:8765/v1/completions -H \'Content-Type: application/json\' -d \'{"prompt": "def ", '
+        '"frequency_penalty": 0.5}\'': Request(expect=_error_the_page_shows),
+        'curl -s localhost:8765/v1/completions -H \'Content-Type: application/json\' -d \'{"prompt": "def zorblax(", '
+        '"max_tokens": 8, "user": "alice"}\'': Request(expect=_json_like_the_page),
+        'tail -1 ~/jaxgpt-audit.jsonl': Request(expect=_json_like_the_page),
+        "curl -s localhost:8765/metrics | grep -E '^jaxgpt_(requests_total|safety_flags_total)'":
+            Request(expect=_metrics_like_the_page),
+    },
+    'docs/evaluation.md': {
+        "pip install -e '.[harness]'": NotHere('needs the package index', _this_checkout_installed_editable),
+        EVALUATION_TASK_FILES: Snippet(),
+        'python -m jaxgpt.evaluate --tasks code_choice,code_line --task_dir my_tasks --workdir runs/tiny': Run(
+            expect=_local_tasks_scored),
+        'python -m jaxgpt.evaluate --tasks hellaswag,arc_easy,arc_challenge,lambada_openai --workdir runs/gpt2 '
+        '--batch_size 32': NotHere('downloads the tasks\' datasets from the Hugging Face Hub', _standard_tasks_known),
+        'python -m jaxgpt.evaluate --compare runs/quickstart runs/mine_jsonl --prompts refs.jsonl --temperature 0.7 '
+        '--max_new_tokens 16 --out ab': Run(expect=_blind_sheet_written),
+        'python -m jaxgpt.evaluate --tally ab/sheet.csv --key ab/key.json': Run(exit_code=2,
+                                                                                expect=_unjudged_sheet_refused),
     },
     'docs/data.md': {
         'python -m jaxgpt.prepare --config configs/quickstart.py': Run(append(STDLIB_DATA), expect=_prepared(True)),
@@ -1059,14 +1227,43 @@ TABLE = {
         "--extra_package=dist/jaxgpt-0.1.0-py3-none-any.whl'": NotHere(
             'runs on Google Cloud Dataflow', _beam_cluster_command_parses),
         "python -m jaxgpt.prepare --config configs/web_text.py --config.data.path=/shared/crawl "
-        "--config.data.executor=beam --config.data.beam_args='--runner=FlinkRunner --flink_master=flink-master:8081 "
+        "--config.data.cache_dir=/shared/cache --config.data.executor=beam "
+        "--config.data.beam_args='--runner=FlinkRunner --flink_master=flink-master:8081 "
         "--environment_type=DOCKER --environment_config=my-registry/jaxgpt-beam:latest "
         "--temp_location=/shared/beam-tmp'": NotHere('runs on a Flink cluster', _beam_cluster_command_parses),
         "python -m jaxgpt.prepare --config configs/web_text.py --config.data.path=/shared/crawl "
-        "--config.data.executor=beam --config.data.beam_args='--runner=SparkRunner "
+        "--config.data.cache_dir=/shared/cache --config.data.executor=beam "
+        "--config.data.beam_args='--runner=SparkRunner "
         "--spark_master_url=spark://spark-master:7077 --environment_type=DOCKER "
         "--environment_config=my-registry/jaxgpt-beam:latest --temp_location=/shared/beam-tmp'": NotHere(
             'runs on a Spark cluster', _beam_cluster_command_parses),
+    },
+    'docs/recipes.md': {
+        'python -m jaxgpt.train --config configs/chat.py:small --workdir runs/chat --config.init_from=~/models/gpt2':
+            Run(append(FINETUNE_TINY)),
+        'python -m jaxgpt.evaluate --workdir runs/chat': Run(expect=_labels_the_page_shows),
+        'python -m jaxgpt.train --config configs/content.py:small --workdir runs/content '
+        '--config.init_from=~/models/gpt2': Run(append(FINETUNE_TINY)),
+        'python -m jaxgpt.evaluate --workdir runs/content': Run(expect=_labels_the_page_shows),
+        # The task recipes' sample prompts do not fit the tiny context; their answers are 8 tokens at most.
+        'python -m jaxgpt.train --config configs/codegen.py:small --workdir runs/code --config.init_from=~/models/gpt2':
+            Run(append({**FINETUNE_TINY, 'sample.prompts': '()', 'data.max_docs': 10})),
+        'python -m jaxgpt.evaluate --task code --workdir runs/code --data examples/code/problems.jsonl '
+        '--num_samples 10 --pass_k 1,5 --temperature 0.8': Run('--max_new_tokens 8',
+                                                               expect=_task_evaluated('code', 'code', 6)),
+        'python -m jaxgpt.train --config configs/summarization.py:small --workdir runs/summarization '
+        '--config.init_from=~/models/gpt2': Run(append({**FINETUNE_TINY, 'sample.prompts': '()'})),
+        'python -m jaxgpt.evaluate --task summarization --workdir runs/summarization '
+        '--data examples/summarization/test.jsonl': Run('--max_new_tokens 8',
+                                                        expect=_task_evaluated('summarization', 'summarization', 6)),
+        'python -m jaxgpt.train --config configs/qa.py:small --workdir runs/qa --config.init_from=~/models/gpt2': Run(
+            append({**FINETUNE_TINY, 'sample.prompts': '()'})),
+        'python -m jaxgpt.evaluate --task qa --workdir runs/qa --data examples/qa/test.jsonl': Run(
+            '--max_new_tokens 8', expect=_task_evaluated('qa', 'qa', 8)),
+        'python -m jaxgpt.train --config configs/sentiment.py:small --workdir runs/sentiment '
+        '--config.init_from=~/models/gpt2': Run(append({**FINETUNE_TINY, 'sample.prompts': '()'})),
+        'python -m jaxgpt.evaluate --task sentiment --workdir runs/sentiment --data examples/sentiment/test.jsonl':
+            Run(expect=_task_evaluated('sentiment', 'sentiment', 8)),
     },
     'docs/finetuning.md': {
         'pip install -U huggingface_hub': NotHere('needs the package index', _hub_cli_installed),
@@ -1090,10 +1287,17 @@ TABLE = {
                     expect=_loads_in_transformers),
         'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora --config.init_from=~/models/gpt2 '
         '--config.data.path=my_text.jsonl': Run(append(FINETUNE_TINY)),
+        'python -m jaxgpt.train --config configs/dpo.py:small --workdir runs/dpo --config.init_from=runs/sft '
+        '--config.data.path=prefs.jsonl': Run(append(FINETUNE_TINY), expect=_preference_tuned),
         'python -m jaxgpt.sample --workdir runs/lora --prompt "The meaning of life is"': Run(
             expect=sampled('The meaning of life is', step=3)),
         'python -m jaxgpt.convert --workdir=runs/lora --export_hf=~/models/gpt2-lora': Run(
             expect=_exported('~/models/gpt2-lora')),
+        "pip install -e '.[hub]'": NotHere('needs the package index', _this_checkout_installed_editable),
+        'hf auth login': NotHere('asks for a Hugging Face token and stores it', _hub_login_command_exists),
+        'python -m jaxgpt.convert --workdir=runs/sft --export_hf=~/models/gpt2-sft --license=mit '
+        '--push_to_hub=my-name/gpt2-sft': NotHere('uploads to the Hugging Face Hub',
+                                                  _push_exports_then_reports_the_upload),
     },
     'docs/gpu.md': {
         'pip install -e . "jax[cuda12]"': NotHere('CUDA wheels, for a machine with NVIDIA GPUs', _jax_within_the_pin),
@@ -1141,6 +1345,26 @@ TABLE = {
         'python tools/bench_decode.py --clients 50': Run('--batches 1 --new_tokens 4 --rounds 1 --clients 2 '
                                                          '--requests 1 --max_tokens 4 --workdir runs/quickstart'),
         'python tools/bench_data.py --mb 8': Run('--small'),
+    },
+    'docs/experiments.md': {
+        # The quickstart at its tiny size: 0.005 epochs of the tiny split are 8 steps, validated every 2.
+        'python tools/sweep.py --config configs/quickstart.py --workdir runs/lr --sweep optim.lr=3e-3,2e-2 '
+        '--config.train.num_epochs=0.1 --config.train.eval_every=50 --config.train.keep_best=True '
+        '--config.train.early_stopping_patience=3': Run(
+            append({**QUICKSTART_TINY, 'train.num_epochs': 0.005, 'train.eval_every': 2, 'sample.prompts': '()'},
+                   '--parallel', '2'),
+            expect=_lr_sweep_rows),
+        'python -m jaxgpt.compare runs/lr/lr=3e-3 runs/lr/lr=2e-2 --out runs/lr/report': Run(expect=_compared),
+        'python tools/plan.py --config configs/gpt2.py:small --devices 1 --device H100': Run(
+            expect=_cost_the_page_shows),
+        'python tools/plan.py --config configs/gpt2.py:small --devices 8 --device H100 --config.model.num_layers=28 '
+        '--config.model.num_heads=16 --config.model.embed_dim=4096 --config.model.mlp_dim=16384 '
+        '--config.model.tie_embeddings=False --config.seq_len=2048 --config.model.max_len=2048 '
+        '--config.optim.grad_accum_steps=16': Run(expect=_cost_the_page_shows),
+        "python tools/plan.py --config configs/gpt2.py:small --devices 512 --device 'TPU v5p' --tokens 300e9 "
+        '--config.model.num_layers=96 --config.model.num_heads=96 --config.model.embed_dim=12288 '
+        '--config.model.mlp_dim=49152 --config.seq_len=2048 --config.model.max_len=2048 --config.batch_size=1536 '
+        '--config.optim.grad_accum_steps=3': Run(expect=_cost_the_page_shows),
     },
     'docs/sharding.md': {
         "c.mesh.rules = (('vocab', None), ('act_vocab', None))": Snippet(

@@ -38,11 +38,21 @@ def test_alpaca_and_chat_records_render_with_marked_responses(tmp_path):
                        {'role': 'assistant', 'content': 'hello'}, {'role': 'user', 'content': 'bye'},
                        {'role': 'assistant', 'content': 'ciao'}]}
   text, _ = instructions.render(chat, _data_cfg('chat'))
+  # ShareGPT/Vicuna records ("conversations", "from": human/gpt/system) are the same chat.
+  speakers = {'system': 'system', 'user': 'human', 'assistant': 'gpt'}
+  sharegpt = {'conversations': [{'from': speakers[m['role']], 'value': m['content']} for m in chat['messages']]}
+  assert instructions.render(sharegpt, _data_cfg('chat')) == (text, '')
+  assert instructions.render({'conversations': [{'from': 'bot', 'value': 'hi'}]}, _data_cfg('chat')) == (
+      None, "ShareGPT speaker 'bot' is not one of system, human, gpt")
   save_gpt2(str(tmp_path / 'hf'))
   tokenizer = load_byte_level_bpe(str(tmp_path / 'hf' / 'tokenizer.json'), '<|endoftext|>')
   [(ids, mask)] = instructions.encode(tokenizer, [text])
   trained = tokenizer.decode(ids[mask == 1])
   assert trained == 'hello<|end|>\nciao<|end|>\n<|endoftext|>'
+  # Through packing: a row holding two such conversations trains on their assistant turns alone.
+  batch = next(pipeline.make_iterator([{'tokens': ids, 'loss_mask': mask}] * 4, seq_len=2 * len(ids) - 1,
+                                      local_batch_size=1, seed=0, shuffle=False, process_index=0, process_count=1))
+  assert tokenizer.decode(batch['targets'][0][batch['loss_mask'][0] == 1]) == trained * 2
   # Bits per byte of instruction data: the trained tokens stand for the responses' bytes, and only those.
   assert tokenizer.token_bytes()[ids[mask == 1]].sum() == len('hello<|end|>\nciao<|end|>\n'.encode())
   assert tokenizer.decode(ids[mask == 0]).endswith('<|user|>\nbye\n<|assistant|>\n')

@@ -1,5 +1,5 @@
-"""tools/: plan.py's memory figures and the MFU peaks, checked by hand. (tools/sweep.py runs as docs/performance.md
-shows it, in tests/test_docs.py.)"""
+"""tools/: plan.py's memory, time and cost figures and the MFU peaks, checked by hand. (tools/sweep.py runs as
+docs/performance.md and docs/experiments.md show it, in tests/test_docs.py, and in tests/test_experiments.py.)"""
 
 import os
 import sys
@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from jaxgpt.config import JaxgptError
 
 
 # --- tools/plan.py: memory per device, by hand -------------------------------------------------
@@ -58,11 +59,28 @@ def test_plan_holds_serving_parameters_in_the_compute_dtype_on_the_serving_mesh(
 
 def test_plan_spans_slices_and_rejects_a_context_beyond_the_model(tiny_config):
   plan = _plan_module()
-  from jaxgpt.config import JaxgptError
   config = _small_llama(tiny_config, {'data': 1, 'fsdp': -1, 'tensor': 1})
   assert plan.plan(config, 8, num_slices=2)['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
   with pytest.raises(JaxgptError, match='--infer_context=65 between 1 and model.max_len=64'):
     plan.plan(config, 8, infer_context=65)
+
+
+def test_plan_times_and_prices_training_by_the_mfu_formula(tiny_config):
+  plan = _plan_module()
+  # 1B tokens of 800 MFLOPs at 40% of one TPU v5e (197 TFLOP/s): 1e9 * 8e8 / 7.88e13 = 10,152 s; at $2.00 an hour.
+  t = plan.training_time(124e6, 8e8, 1, 'TPU v5e', 0.4, tokens=1e9, price_per_hour=2.0)
+  assert t['flops'] == 8e17 and t['seconds'] == pytest.approx(10152.284, rel=1e-6)
+  assert t['cost'] == pytest.approx(10152.284 / 3600 * 2.0, rel=1e-6)
+  # Chinchilla's 20 tokens per parameter by default; 8 devices share the time and not the device-hours; the table's
+  # price for the kind (H100, 989 TFLOP/s).
+  p = plan.plan(tiny_config, 8)
+  t = plan.training_time(p['params'], p['flops_per_token'], 8, 'H100', 0.5)
+  assert t['tokens'] == 20 * p['params']
+  assert t['seconds'] == pytest.approx(20 * p['params'] * p['flops_per_token'] / (0.5 * 8 * 989e12))
+  assert t['cost'] == pytest.approx(t['seconds'] * 8 / 3600 * plan.PRICE_PER_HOUR['H100'])
+  assert plan.training_time(p['params'], p['flops_per_token'], 8, 'TPU7x', 0.5)['cost'] is None  # no price listed
+  with pytest.raises(JaxgptError, match='--mfu=40 must be a fraction'):
+    plan.training_time(p['params'], p['flops_per_token'], 8, 'H100', 40)
 
 
 def test_usable_memory_is_what_jax_may_allocate(monkeypatch):

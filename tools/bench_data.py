@@ -14,13 +14,16 @@ smallest figure: each per-document step in this process (`Cleaner.stage_seconds`
 classifier before (alt-profanity-check's `predict_prob`, per document) and now (side by side, on
 the same lines, scores checked identical), dedup, and the whole of `builder.prepare` with
 --workers processes (cleaning with dedup, split and write; tokenizer training; tokenizing into
-TFDS array_record); with --beam, cleaning on Apache Beam's DirectRunner. Last, the Grain
-pipeline's tokens/s on the quickstart's prepared dataset against what its training step consumes.
---small runs all of it on about 2 MB in seconds.
+TFDS array_record); with --beam, the whole of it again with data.executor='beam' on Apache Beam's
+DirectRunner with --workers processes. A stage on several processes (or SentencePiece's threads)
+is divided by the cores it keeps busy. Last, the Grain pipeline's tokens/s on the quickstart's
+prepared dataset against what its training step consumes. --small runs all of it on about 2 MB in
+seconds.
 """
 
 import argparse
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -37,7 +40,6 @@ from configs import quickstart, web_text  # noqa: E402
 from jaxgpt.data import builder, pipeline, sources  # noqa: E402
 from jaxgpt.data.clean import Cleaner, normalize, quality_problem  # noqa: E402
 from jaxgpt.data.dedup import Deduplicator  # noqa: E402
-from jaxgpt.data.report import Report  # noqa: E402
 from jaxgpt.safety import ProfanityClassifier  # noqa: E402
 
 PARTS = {'code': quickstart, 'prose': web_text}
@@ -215,9 +217,13 @@ def dedup_seconds(data_cfg, outcomes) -> float:
   return time.perf_counter() - start
 
 
-def prepare_stages(data_cfg, workers: int) -> dict:
-  """Seconds of builder.prepare's stages with `workers` cleaning processes, from its report."""
+def prepare_stages(data_cfg, workers: int, beam: bool) -> dict:
+  """Seconds of builder.prepare's stages with `workers` cleaning processes, or on Beam's DirectRunner with `workers`
+  worker processes, from its report."""
   data_cfg.num_workers = workers
+  if beam:
+    data_cfg.executor = 'beam'
+    data_cfg.beam_args = f'--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers={workers}'
   with tempfile.TemporaryDirectory() as cache:
     data_cfg.cache_dir = cache
     start = time.perf_counter()
@@ -228,19 +234,6 @@ def prepare_stages(data_cfg, workers: int) -> dict:
   clean, tokenize = speed['clean_seconds'], tokens / speed['tokens_per_s']
   # What prepare does besides: mostly training the tokenizer, and reading the lengths back.
   return {'clean': clean, 'tokenizer training': total - clean - tokenize, 'tokenize + TFDS': tokenize}
-
-
-def beam_seconds(data_cfg, workers: int) -> float:
-  """Seconds of the cleaning stage on Beam's DirectRunner with `workers` processes."""
-  try:
-    from jaxgpt.data import beam_pipeline
-  except ImportError as e:
-    raise SystemExit(f'--beam needs Apache Beam ({e}): pip install -e ".[beam]"') from None
-  args = ['--runner=DirectRunner', '--direct_running_mode=multi_processing', f'--direct_num_workers={workers}']
-  with tempfile.TemporaryDirectory() as out:
-    start = time.perf_counter()
-    beam_pipeline.clean_corpus(sources.open_source(data_cfg), data_cfg, out, Report(), args)
-    return time.perf_counter() - start
 
 
 def bench_part(part: str, corpus_dir: str, args) -> dict:
@@ -261,10 +254,11 @@ def bench_part(part: str, corpus_dir: str, args) -> dict:
     rows['1 process: per-document steps, before'] = rate(sum(steps.values()) - steps['safety: classifier'] + before)
   rows['1 process: per-document steps'] = rate(sum(steps.values()))
   rows['1 process: dedup'] = rate(dedup_seconds(data_cfg, outcomes))
-  for stage, seconds in prepare_stages(data_cfg.copy_and_resolve_references(), args.workers).items():
-    rows[f'prepare, {args.workers} workers: {stage}'] = rate(seconds, args.workers if stage == 'clean' else 1)
-  if args.beam:
-    rows[f'Beam DirectRunner, {args.workers} workers: clean'] = rate(beam_seconds(data_cfg, args.workers), args.workers)
+  for executor, beam in (('prepare', False), ('Beam DirectRunner', True))[:1 + args.beam]:
+    for stage, seconds in prepare_stages(data_cfg.copy_and_resolve_references(), args.workers, beam).items():
+      # In one process, SentencePiece tokenizes on a thread per core; its trainer is mostly one thread.
+      cores = {'clean': args.workers, 'tokenizer training': 1}.get(stage, args.workers if beam else os.cpu_count())
+      rows[f'{executor}, {args.workers} workers: {stage}'] = rate(seconds, cores)
   kept = sum(1 for o in outcomes if not o.dropped)
   print(f'{part}: {len(records):,} documents, {mb:.1f} MB; {kept:,} pass the per-document steps', flush=True)
   return rows
@@ -289,13 +283,15 @@ def main():
   parser.add_argument('--corpus_dir', default='~/.cache/jaxgpt/bench_corpus', help='where the corpus is cached')
   parser.add_argument('--mb', type=float, default=0, help='MB of each part to measure; 0 = all')
   parser.add_argument('--workers', type=int, default=2, help='cleaning processes for the prepare and Beam rows')
-  parser.add_argument('--beam', action='store_true', help="also clean on Beam's DirectRunner")
+  parser.add_argument('--beam', action='store_true', help="also prepare on Beam's DirectRunner")
   parser.add_argument('--batches', type=int, default=200, help='Grain pipeline batches to time')
   parser.add_argument('--train_tokens_per_s', type=float, default=9200.0,
                       help="what the quickstart's training step consumes (README, 2-core CPU)")
   parser.add_argument('--small', action='store_true',
                       help='a 2 MB corpus, 1 worker, 10 batches of 100 files: seconds, for tests')
   args = parser.parse_args()
+  if args.beam and importlib.util.find_spec('apache_beam') is None:
+    raise SystemExit('--beam needs Apache Beam: pip install -e ".[beam]"')
   corpus_dir = os.path.expanduser(args.corpus_dir)
   if args.small:
     corpus_dir, args.workers, args.batches = os.path.join(corpus_dir, 'small'), 1, 10
@@ -316,6 +312,11 @@ def main():
     slowest = min((s for s in rows if s.startswith('1 process: ') and 'before' not in s and 'steps' not in s
                    and 'same lines' not in s), key=rows.get)
     print(f'slowest stage in one process, {part}: {slowest.removeprefix("1 process: ")} ({rows[slowest]:.2f} MB/s)')
+    for executor in ('prepare', 'Beam DirectRunner')[:1 + args.beam]:
+      stages = [s for s in rows if s.startswith(f'{executor}, ')]
+      slowest = min(stages, key=rows.get)
+      print(f'slowest stage of {slowest.split(":")[0]}, {part}: {slowest.split(": ", 1)[1]} '
+            f'({rows[slowest]:.2f} MB/s per core)')
 
   tokens_s = bench_pipeline(args.batches, max_docs=100 if args.small else 0)
   ratio = tokens_s / args.train_tokens_per_s

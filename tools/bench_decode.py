@@ -2,13 +2,16 @@
 
   python tools/bench_decode.py                 # jaxgpt vs transformers' generate, batch 1 to 32
   python tools/bench_decode.py --clients 50    # then the server: tokens/s for 1 client and for 50
+  python tools/bench_decode.py --logprobs 5    # jaxgpt alone: without and with log-probs (5 alternatives)
 
 The same random GPT-2 weights (4 layers x 256, 4 heads, vocab 4096) in jaxgpt
 and in transformers' GPT2LMHeadModel (converted by jaxgpt.hf), 16-token
 prompts, 128 new greedy tokens per row and no EOS; the tool fails unless both
 produce the same tokens. torch gets as many threads as XLA:CPU uses (one per
 core). After a warm-up (compiling), each batch size is timed `rounds` times,
-the two libraries taking turns; medians are reported.
+the two libraries taking turns; medians are reported. `--logprobs N` compares
+jaxgpt with itself instead: the same decoding without log-probs and with them
+(each token's and the N likeliest), taking turns; both must give the same tokens.
 
 The server part starts `python -m jaxgpt.serve` (its default batching unless
 `--max_batch` is given) on `--workdir`, or on a run directory it writes with
@@ -47,6 +50,8 @@ flags.DEFINE_list('batches', ['1', '2', '4', '8', '16', '32'], 'Batch sizes to c
 flags.DEFINE_integer('prompt_len', 16, 'Tokens per prompt.')
 flags.DEFINE_integer('new_tokens', 128, 'Greedy tokens generated per row.')
 flags.DEFINE_integer('rounds', 3, 'Timed runs per batch size and library.')
+flags.DEFINE_integer('logprobs', -1, 'N >= 0: time jaxgpt without and with log-probs (N alternatives) instead of '
+                     'against transformers.')
 flags.DEFINE_integer('clients', 0, 'Concurrent clients of the server part; 0 skips it.')
 flags.DEFINE_integer('requests', 2, 'Requests each server client sends, one after another.')
 flags.DEFINE_string('workdir', None, 'Run directory the server part serves (default: random weights in the '
@@ -65,16 +70,22 @@ def _seconds(run) -> float:
 
 # --- jaxgpt against transformers ------------------------------------------------------------------
 
-def gpt2_pair(max_len: int):
-  """(jaxgpt model, its params, the same weights in transformers' GPT2LMHeadModel)."""
-  import torch
-  import transformers
+def gpt2_model(max_len: int):
+  """(jaxgpt model, its params): random GPT-2 weights, 4 layers x 256."""
   cfg = ModelConfig(vocab_size=4096, max_len=max_len, num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024)
   model = GPT(cfg)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   # A wider spread than GPT-2's init: clear winners among the logits, so float rounding in either
   # library cannot flip a greedy choice between two near-equal tokens.
-  params = jax.tree.map(lambda x: x * 4.0, params)
+  return model, jax.tree.map(lambda x: x * 4.0, params)
+
+
+def gpt2_pair(max_len: int):
+  """(jaxgpt model, its params, the same weights in transformers' GPT2LMHeadModel)."""
+  import torch
+  import transformers
+  model, params = gpt2_model(max_len)
+  cfg = model.cfg
   reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf.hf_config(cfg, cfg.vocab_size, 0))).eval()
   missing, unexpected = reference.load_state_dict(
       {name: torch.tensor(t) for name, t in hf.params_to_hf(params, 'gpt2').items()}, strict=False)
@@ -120,6 +131,29 @@ def compare_with_transformers() -> None:
     rate = {name: batch * FLAGS.new_tokens / statistics.median(t) for name, t in times.items()}
     print(f'| {batch} | {rate["jaxgpt"]:,.0f} | {rate["transformers"]:,.0f} | '
           f'{rate["jaxgpt"] / rate["transformers"]:.2f}x |', flush=True)
+
+
+def logprobs_cost() -> None:
+  model, params = gpt2_model(max_len=FLAGS.prompt_len + FLAGS.new_tokens)
+  print(f'{jax.devices()[0].device_kind}: GPT-2 4 x 256, vocab 4096, {FLAGS.prompt_len}-token prompts, '
+        f'{FLAGS.new_tokens} new greedy tokens per row, median of {FLAGS.rounds} (jax {jax.__version__})')
+  print(f'| batch | jaxgpt tokens/s | with logprobs={FLAGS.logprobs} | with / without |')
+  print('|---|---|---|---|')
+  rng = np.random.default_rng(0)
+  for batch in map(int, FLAGS.batches):
+    prompts = rng.integers(3, 4096, (batch, FLAGS.prompt_len)).tolist()
+    settings = {'without': Sampling(max_new_tokens=FLAGS.new_tokens),
+                'with': Sampling(max_new_tokens=FLAGS.new_tokens, logprobs=FLAGS.logprobs)}
+    decode = {name: (lambda s=s: generate(model, params, prompts, s, eos_id=-1)) for name, s in settings.items()}
+    if [o.tokens for o in decode['without']()] != [o.tokens for o in decode['with']()]:  # also the warm-up
+      raise SystemExit(f'batch {batch}: log-probs changed the tokens decoded')
+    times = {name: [] for name in decode}
+    for _ in range(FLAGS.rounds):
+      for name, run in decode.items():
+        times[name].append(_seconds(run))
+    rate = {name: batch * FLAGS.new_tokens / statistics.median(t) for name, t in times.items()}
+    print(f'| {batch} | {rate["without"]:,.0f} | {rate["with"]:,.0f} | {rate["with"] / rate["without"]:.2f}x |',
+          flush=True)
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -207,7 +241,10 @@ def serve_under_load() -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax's and httpx's progress lines would bury the figures
-  compare_with_transformers()
+  if FLAGS.logprobs >= 0:
+    logprobs_cost()
+  else:
+    compare_with_transformers()
   if FLAGS.clients:
     serve_under_load()
 

@@ -1,4 +1,5 @@
-"""Plan a run before paying for it: parameters, FLOPs, and per-device memory for training and serving.
+"""Plan a run before paying for it: parameters, FLOPs, per-device memory for training and serving, and the
+time and cost of training.
 
   python tools/plan.py --config configs/gpt2.py:small --devices 8
   python tools/plan.py --config configs/llama_1b.py --devices 16 --config.mesh.tensor=2 --device 'TPU v5e'
@@ -12,7 +13,11 @@ al. 2022). For serving (jaxgpt.sample, evaluate, serve): the parameters in the
 compute dtype on the inference mesh (every weight split over --infer_devices,
 heads also over --infer_tensor) plus the key/value cache of --infer_batch
 sequences of --infer_context tokens, sharded as the model shards it (rows over
-data x fsdp, kv heads over tensor). Needs no accelerator: shapes only.
+data x fsdp, kv heads over tensor). Then training's time and cost: --tokens
+(default Chinchilla's 20 per parameter) at the model's FLOPs per token
+(jaxgpt.model.flops_per_token, as MFU counts them), on --devices of each kind at
+--mfu of its data-sheet peak (jaxgpt.metrics.PEAK_FLOPS), at PRICE_PER_HOUR or
+--price_per_hour. Needs no accelerator: shapes only.
 """
 
 import math
@@ -28,6 +33,7 @@ from absl import flags  # noqa: E402
 
 from jaxgpt import inference, sharding  # noqa: E402
 from jaxgpt.config import JaxgptError, define_config_flag, require_config, run_cli  # noqa: E402
+from jaxgpt.metrics import data_sheet_peak, format_duration, tokens_per_second_at  # noqa: E402
 from jaxgpt.model import GPT, ModelConfig, flops_per_token  # noqa: E402
 
 # Memory per device, GiB, as the data sheets round it.
@@ -36,6 +42,18 @@ DEVICE_MEMORY = {
     'A100 40GB': 40, 'A100 80GB': 80, 'H100': 80, 'H100 NVL': 94, 'H200': 141, 'B200': 180,
 }
 GiB = 2**30
+# The device kinds above as jax names them (metrics.PEAK_FLOPS's keys), where the names differ.
+DEVICE_KIND = {'TPU v6e': 'TPU v6 lite', 'A100 40GB': 'NVIDIA A100', 'A100 80GB': 'NVIDIA A100', 'H100': 'NVIDIA H100',
+               'H100 NVL': 'NVIDIA H100 NVL', 'H200': 'NVIDIA H200', 'B200': 'NVIDIA B200'}
+# USD per device-hour, on demand: Google Cloud's list prices in us-central1 (TPU v4: us-central2) as of June
+# 2025, from cloud.google.com/tpu/pricing (per chip-hour) and cloud.google.com/compute/vm-instance-pricing (an
+# A2/A3 machine's price, its vCPUs and memory included, over its GPUs: a2-highgpu-1g, a2-ultragpu-1g,
+# a3-highgpu-8g). Copied by hand, not fetched: prices change and discounts apply, so check them and pass
+# --price_per_hour. Kinds without a listed price show none.
+PRICE_PER_HOUR = {'TPU v4': 3.22, 'TPU v5e': 1.20, 'TPU v5p': 4.20, 'TPU v6e': 2.70, 'A100 40GB': 3.67,
+                  'A100 80GB': 5.07, 'H100': 11.06}
+PRICES_AS_OF = 'Google Cloud on-demand list price, June 2025'
+CHINCHILLA_TOKENS_PER_PARAM = 20  # compute-optimal training tokens per parameter (Hoffmann et al. 2022)
 # XLA owns a TPU's whole HBM; a tenth is left for what these estimates leave out (the program,
 # XLA's scratch buffers, fragmentation).
 TPU_USABLE = 0.9
@@ -135,6 +153,26 @@ def plan(config, num_devices: int, num_slices: int = 1, infer_devices: int = 0, 
   }
 
 
+def training_time(params: int, flops_per_token: float, num_devices: int, device: str, mfu: float,
+                  tokens: float = 0, price_per_hour: float = 0) -> dict:
+  """Tokens, FLOPs, wall time and cost of training on `num_devices` of kind `device` at `mfu`.
+
+  `tokens` 0: Chinchilla's 20 per parameter. `price_per_hour` (per device) 0: PRICE_PER_HOUR's, or no cost.
+  """
+  if not 0 < mfu <= 1:
+    raise JaxgptError(f'--mfu={mfu} must be a fraction of the peak, above 0 and at most 1 (e.g. 0.4).')
+  if tokens < 0 or price_per_hour < 0:
+    raise JaxgptError(f'--tokens={tokens:g} and --price_per_hour={price_per_hour:g} must be 0 (the default) or '
+                      'positive.')
+  tokens = tokens or CHINCHILLA_TOKENS_PER_PARAM * params
+  peak = data_sheet_peak(DEVICE_KIND.get(device, device))
+  seconds = tokens / tokens_per_second_at(mfu, flops_per_token, peak, num_devices)
+  price = price_per_hour or PRICE_PER_HOUR.get(device)
+  device_hours = seconds * num_devices / 3600
+  return {'tokens': tokens, 'flops': tokens * flops_per_token, 'peak': peak, 'seconds': seconds,
+          'device_hours': device_hours, 'price_per_hour': price, 'cost': price and price * device_hours}
+
+
 def _devices(wanted: str) -> list[str]:
   names = [n for n in DEVICE_MEMORY if n == wanted] or [n for n in DEVICE_MEMORY if n.startswith(wanted)]
   if not names:
@@ -176,6 +214,36 @@ def main(argv):
   print(f'  KV cache             {p["kv_cache_bytes"] / GiB:8.2f}')
   print(f'  total                {serving / GiB:8.2f}   (and one step\'s activations)')
   _verdicts(serving, devices, ' to serve')
+  _print_training_time(p, devices, FLAGS)
+
+
+def _print_training_time(p: dict, devices: list[str], FLAGS) -> None:
+  first = training_time(p['params'], p['flops_per_token'], FLAGS.devices, devices[0], FLAGS.mfu, FLAGS.tokens)
+  source = 'the --tokens asked' if FLAGS.tokens else f'Chinchilla\'s {CHINCHILLA_TOKENS_PER_PARAM} per parameter'
+  print(f'training on {_amount(first["tokens"])} tokens ({source}): {first["flops"]:.3g} FLOPs; on --devices '
+        f'{FLAGS.devices} at {100 * FLAGS.mfu:g}% MFU (--mfu):')
+  for name in devices:
+    t = training_time(p['params'], p['flops_per_token'], FLAGS.devices, name, FLAGS.mfu, FLAGS.tokens,
+                      FLAGS.price_per_hour)
+    if t['cost'] is None:
+      cost = 'no price listed (--price_per_hour)'
+    else:
+      where = '--price_per_hour' if FLAGS.price_per_hour else PRICES_AS_OF
+      cost = f'${t["cost"]:,.0f} at ${t["price_per_hour"]:.2f}/device-hour ({where})'
+    print(f'  {name:<10} {t["peak"] / 1e12:>5,.0f} TFLOP/s: {_days(t["seconds"]):>9} '
+          f'({_amount(t["device_hours"])} device-hours), {cost}')
+
+
+def _days(seconds: float) -> str:
+  return f'{seconds / 86400:.1f} days' if seconds >= 2 * 86400 else format_duration(seconds)
+
+
+def _amount(x: float) -> str:
+  """3 significant digits with a thousands prefix: 2.49B, 812k, 3.1."""
+  for factor, prefix in ((1e12, 'T'), (1e9, 'B'), (1e6, 'M'), (1e3, 'k')):
+    if x >= factor:
+      return f'{x / factor:.3g}{prefix}'
+  return f'{x:.3g}'
 
 
 def cli():
@@ -187,6 +255,10 @@ def cli():
   flags.DEFINE_integer('infer_tensor', 1, 'Their --mesh.tensor; the other devices shard the weights (--mesh.fsdp=-1).')
   flags.DEFINE_integer('infer_batch', 8, 'Sequences decoded together when serving (jaxgpt.serve --max_batch).')
   flags.DEFINE_integer('infer_context', 0, 'Tokens per sequence (prompt + new) when serving; 0 = model.max_len.')
+  flags.DEFINE_float('tokens', 0, 'Tokens to train on; 0 = 20 per parameter (Chinchilla).')
+  flags.DEFINE_float('mfu', 0.4, 'Model FLOPs utilization assumed (or measured: jaxgpt.train and tools/bench.py '
+                     'print it), a fraction of the peak.')
+  flags.DEFINE_float('price_per_hour', 0, 'USD per device-hour; 0 = the table in tools/plan.py (PRICE_PER_HOUR).')
   run_cli(main)
 
 

@@ -1,28 +1,42 @@
-"""The cleaning stage as an Apache Beam pipeline: the same result as corpus.py, on many machines.
+"""Data preparation as Apache Beam pipelines: the dataset the local executor makes, made by many workers.
 
 `python -m jaxgpt.prepare --config ... --config.data.executor=beam --config.data.beam_args='--runner=...'`
-(docs/data.md, "Preparing on Apache Beam"). This process streams the source's records through the source's
-own reader, as the local executor does, numbering them, into batch files under the pipeline's
-`--temp_location` (or the cache being built, when none is given): every kind of source then yields exactly the
-same records. The workers run the same `Cleaner` on them and deduplicate by the rule in dedup.py: exact
-duplicates by a GroupByKey on the text hash, near ones by a GroupByKey per LSH band key, whose groups yield the
-linked pairs (a spanning forest each). The connected groups are then found in ONE worker over all links
-(`dedup.keepers`): exactness matters more than elegance here, and the links are few (fewer than the near
-duplicates), while label propagation in Beam would shuffle every document once per link of the longest chain.
+(docs/data.md, "Preparing on Apache Beam"). builder.py runs two pipelines, and between them, in this process,
+what needs one place:
 
-Survivors are written sorted by source order in parts (`_DOCUMENTS_PER_PART` per file) next to the batches,
-with the report's counts of what was read and dropped. This process then streams the parts in order through
-`corpus.write_kept`, as the local executor does: the split, the train/validation files, the kept/changed/
-flagged counts, and the tokenizer and TFDS array_record files that follow are the local executor's code. The
-scratch directory has a fresh random name and is removed at the end; a run killed midway leaves it, and no
-report.json, so no later run reads it.
+1. `clean_corpus`. The workers read the source's units (shards, groups of files, index ranges:
+   `Source.units`) with the source's own reader, so compression, bad shards and `on_bad_shard` behave as in
+   one process. Each record gets the order the local executor's stream gives it (its place in its unit plus
+   the records of the units before it) and data.max_docs keeps the first that many. The workers clean each
+   record with the same `Cleaner` and deduplicate by the rule in dedup.py: exact duplicates by a GroupByKey
+   on the text hash, near ones by a GroupByKey per LSH band key, whose groups yield the linked pairs (a
+   spanning forest each). The connected groups are then found in ONE worker over all links
+   (`dedup.keepers`): exactness matters more than elegance here, and the links are few (fewer than the near
+   duplicates), while label propagation in Beam would shuffle every document once per link of the longest
+   chain. Survivors are written sorted by order in parts (`_DOCUMENTS_PER_PART` per file), with the report's
+   counts of what was read and dropped.
+2. This process streams the parts through `corpus.write_kept`, the local executor's code: the split, the
+   train/validation files, the kept/changed/flagged counts. builder.py then trains the tokenizer on a sample
+   of the train split (or loads one).
+3. `write_tokenized`. The workers read the split files in pieces of whole lines, tokenize them as builder.py
+   does (the tokenizer travels as its serialized bytes), and TFDS's own Beam writer shuffles and writes the
+   array_record shards: the same examples under the same keys (line numbers), so in the same order, as the
+   local executor's TFDS writer.
+
+Each pipeline's files go in a scratch directory with a fresh random name under --temp_location (which the
+workers must reach), or under the cache being built, removed at the end. A run killed midway leaves no
+report.json, so no later run takes what it left for a cache.
 """
 
+import collections
+import contextlib
 import dataclasses
 import heapq
+import itertools
 import json
-import pickle
+import os
 import shlex
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,45 +47,45 @@ from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptio
 
 from jaxgpt import paths
 from jaxgpt.config import JaxgptError
-from jaxgpt.data import dedup, sources
+from jaxgpt.data import corpus, dedup, sources
 from jaxgpt.data.clean import Cleaner
 from jaxgpt.data.corpus import Survivor, write_kept
-from jaxgpt.data.report import Report
+from jaxgpt.data.report import SPLITS, Report
+from jaxgpt.data.tokenizer import Tokenizer
 
-_RECORDS_PER_BATCH = 4096  # staged records per file, or fewer when they hold _BATCH_BYTES
-_BATCH_BYTES = 64 << 20
 _DOCUMENTS_PER_PART = 4096  # consecutive orders per output file: what one worker sorts in memory
+_PIECE_BYTES = 4 << 20  # bytes of a split file per piece a worker tokenizes, in whole lines
+_COPY_BYTES = 16 << 20
 _EXAMPLES = 5  # examples kept per reason, smallest orders first: as many as the report shows
 _TALLIES_FILE = 'tallies.json'
+
+
+def pipeline_options(data_cfg, pipeline_args=()) -> PipelineOptions:
+  return PipelineOptions([*pipeline_args, *shlex.split(data_cfg.beam_args)])
+
+
+@contextlib.contextmanager
+def _scratch(options: PipelineOptions, directory: str) -> Iterator:
+  """A new directory that this process and the workers share: under --temp_location, else under `directory`."""
+  root = options.view_as(GoogleCloudOptions).temp_location or directory
+  scratch = paths.path(root) / f'jaxgpt-beam-{uuid.uuid4().hex[:12]}'  # new each run: no leftovers read
+  scratch.mkdir(parents=True)
+  try:
+    yield scratch
+  finally:
+    scratch.rmtree(missing_ok=True)
 
 
 def clean_corpus(source: sources.Source, data_cfg, directory: str, report: Report, pipeline_args=()) -> None:
   """Cleans, deduplicates and splits `source` into `directory` like corpus.clean_corpus, on the Beam runner that
   `pipeline_args` and data.beam_args name (--runner=DirectRunner by default), counting everything in `report`."""
-  options = PipelineOptions([*pipeline_args, *shlex.split(data_cfg.beam_args)])
-  scratch = options.view_as(GoogleCloudOptions).temp_location or directory
-  parts = paths.path(scratch) / f'jaxgpt-beam-{uuid.uuid4().hex[:12]}'  # new each run: no leftovers read
-  parts.mkdir(parents=True)
+  options = pipeline_options(data_cfg, pipeline_args)
   start = time.time()
-  try:
-    batches = _stage_records(source, parts)
+  with _scratch(options, directory) as scratch:
     with beam.Pipeline(options=options) as pipeline:
-      _clean(pipeline, batches, data_cfg, str(parts))
-    tallies = json.loads((parts / _TALLIES_FILE).read_text())
-    errors = [message for (section, _), (_, _, examples) in tallies if section == 'error' for _, message, _ in examples]
-    if errors:  # the local executor stops at the first; this is the same one, found after the others
-      raise JaxgptError(errors[0])
-    for (section, reason), (count, size, examples) in tallies:
-      if section == 'read':
-        report.read.update(documents=count, bytes=size)
-        continue
-      tally = getattr(report, section)
-      for _, where, detail in examples:
-        tally.add(reason, where, detail)
-      tally.counts[reason] = count
-    write_kept(_read_parts(parts), data_cfg, directory, report, source.root)
-  finally:
-    parts.rmtree(missing_ok=True)
+      _clean(pipeline, source, data_cfg, str(scratch))
+    _count(json.loads((scratch / _TALLIES_FILE).read_text()), report)
+    write_kept(_read_parts(scratch), data_cfg, directory, report, source.root)
   seconds = max(time.time() - start, 1e-9)
   runner = options.view_as(StandardOptions).runner or 'DirectRunner'
   report.speed.update(workers=options.view_as(DirectOptions).direct_num_workers if runner == 'DirectRunner' else 0,
@@ -79,13 +93,34 @@ def clean_corpus(source: sources.Source, data_cfg, directory: str, report: Repor
                       mb_per_s=report.read['bytes'] / 1e6 / seconds)
 
 
-def _clean(pipeline, batches: list[str], data_cfg, parts: str) -> None:
-  """The pipeline: staged records -> Cleaner -> exact dedup -> near dedup -> sorted parts, and the tallies."""
+def _count(tallies: list, report: Report) -> None:
+  """The pipeline's tallies into `report`; the first error (the smallest order), as the local executor says it."""
+  errors = [message for (section, _), (_, _, examples) in tallies if section == 'error' for _, message, _ in examples]
+  if errors:
+    raise JaxgptError(errors[0])
+  for (section, reason), (count, size, examples) in tallies:
+    if section == 'read':
+      report.read.update(documents=count, bytes=size)
+      continue
+    tally = getattr(report, section)
+    for _, where, detail in examples:
+      tally.add(reason, where, detail)
+    tally.counts[reason] = count
+
+
+def _clean(pipeline, source: sources.Source, data_cfg, scratch: str) -> None:
+  """The pipeline: units -> numbered records -> Cleaner -> exact dedup -> near dedup -> sorted parts, and the
+  tallies."""
   clean_cfg = data_cfg.clean
-  records = (pipeline | 'Batches' >> beam.Create(batches) | 'Spread batches' >> beam.Reshuffle()
-             | 'Records' >> beam.FlatMap(_read_batch) | 'Spread' >> beam.Reshuffle())
+  read = (pipeline | 'Units' >> beam.Create(list(enumerate(source.units()))) | 'Spread units' >> beam.Reshuffle()
+          | 'Read' >> beam.FlatMap(_read_unit, source, data_cfg.max_docs))
+  offsets = (read | 'Unit' >> beam.Map(lambda item: item[0][0]) | 'Per unit' >> beam.combiners.Count.PerElement()
+             | 'All units' >> beam.combiners.ToList() | 'Offsets' >> beam.Map(_offsets))
+  numbered = read | 'Number' >> beam.FlatMap(_numbered, beam.pvalue.AsSingleton(offsets), data_cfg.max_docs
+                                             ).with_outputs('error', main='record')
+  records = numbered.record | 'Spread' >> beam.Reshuffle()
   outcomes, errors = records | 'Clean' >> beam.ParDo(_Clean(data_cfg.to_dict())).with_outputs('error', main='ok')
-  tallies = [errors,
+  tallies = [numbered.error, errors,
       records | 'Count read' >> beam.Map(lambda r: (('read', ''), (r[0], r[1].size, '', ''))),
       outcomes | 'Dropped' >> beam.Filter(lambda o: o[1].dropped) | 'Count dropped' >> beam.Map(
           lambda o: (('dropped', o[1].dropped), (o[0], 0, o[1].record.where, o[1].detail)))]
@@ -110,39 +145,46 @@ def _clean(pipeline, batches: list[str], data_cfg, parts: str) -> None:
     survivors = ({'survivor': survivors, 'original': originals} | 'Join' >> beam.CoGroupByKey()
                  | 'Near duplicates' >> beam.Map(_with_original))
   _ = (survivors | 'By part' >> beam.Map(lambda s: (s[0] // _DOCUMENTS_PER_PART, s[1]))
-       | 'Part' >> beam.GroupByKey() | 'Write parts' >> beam.Map(_write_part, parts))
+       | 'Part' >> beam.GroupByKey() | 'Write parts' >> beam.Map(_write_part, scratch))
   _ = (tallies | 'All tallies' >> beam.Flatten() | 'Tally' >> beam.CombinePerKey(_Tally())
        | 'Every tally' >> beam.combiners.ToList()
-       | 'Write tallies' >> beam.Map(lambda t: (paths.path(parts) / _TALLIES_FILE).write_text(json.dumps(t))))
+       | 'Write tallies' >> beam.Map(_write_json, str(paths.path(scratch) / _TALLIES_FILE)))
 
 
-def _stage_records(source: sources.Source, parts) -> list[str]:
-  """Writes (order, Record) for every record of the source, in batches, under `parts`; returns the batch files.
-
-  The source's own reader streams them, so every kind of source, its shards, compression, data.max_docs and
-  bad-shard handling give exactly the records the local executor reads, numbered alike. A file tree's records
-  are paths (its workers read the files); other records carry their raw text.
-  """
-  batches, batch, size = [], [], 0
-  for order, record in enumerate(source.records()):
-    batch.append((order, record))
-    size += record.size
-    if len(batch) == _RECORDS_PER_BATCH or size >= _BATCH_BYTES:
-      batches.append(_write_batch(parts, len(batches), batch))
-      batch, size = [], 0
-  if batch:
-    batches.append(_write_batch(parts, len(batches), batch))
-  return batches
+@dataclasses.dataclass(frozen=True)
+class _ReadError:
+  message: str
 
 
-def _write_batch(parts, number: int, batch: list) -> str:
-  path = parts / f'records-{number:09d}.pickle'
-  path.write_bytes(pickle.dumps(batch))
-  return str(path)
+def _read_unit(element, source: sources.Source, max_docs: int) -> Iterator:
+  """((unit, index), record) for a unit's records, data.max_docs at most (no more of them can be kept). A unit that
+  stops preparation (data.on_bad_shard='error') gives a _ReadError in the place where it stopped."""
+  number, unit = element
+  index = 0
+  try:
+    for record in itertools.islice(source.read_unit(unit), max_docs or None):
+      yield (number, index), record
+      index += 1
+  except JaxgptError as e:
+    yield (number, index), _ReadError(str(e))
 
 
-def _read_batch(path: str) -> list:
-  return pickle.loads(paths.path(path).read_bytes())
+def _offsets(counts: list[tuple[int, int]]) -> dict[int, int]:
+  """unit -> how many records the units before it hold: the order of its first record."""
+  units, sizes = zip(*sorted(counts)) if counts else ((), ())
+  return dict(zip(units, itertools.accumulate(sizes, initial=0)))
+
+
+def _numbered(element, offsets: dict[int, int], max_docs: int) -> Iterator:
+  """(order, record) in the local executor's numbering, the first data.max_docs only; an error as 'error'."""
+  (unit, index), item = element
+  order = offsets[unit] + index
+  if max_docs and order >= max_docs:
+    return
+  if isinstance(item, _ReadError):  # said once, at the end, unless an earlier record stops preparation first
+    yield beam.pvalue.TaggedOutput('error', (('error', ''), (order, 0, item.message, '')))
+  else:
+    yield order, item
 
 
 class _Clean(beam.DoFn):
@@ -197,15 +239,15 @@ def _with_original(joined):
   return order, survivor
 
 
-def _write_part(part, parts: str) -> None:
+def _write_part(part, scratch: str) -> None:
   number, survivors = part
   lines = (json.dumps(dataclasses.asdict(s), ensure_ascii=False) + '\n'
            for s in sorted(survivors, key=lambda s: s.order))
-  (paths.path(parts) / f'part-{number:09d}.jsonl').write_text(''.join(lines))
+  (paths.path(scratch) / f'part-{number:09d}.jsonl').write_text(''.join(lines))
 
 
-def _read_parts(parts) -> Iterator[Survivor]:
-  for part in sorted(parts.glob('part-*.jsonl')):
+def _read_parts(scratch) -> Iterator[Survivor]:
+  for part in sorted(scratch.glob('part-*.jsonl')):
     with part.open() as f:
       for line in f:
         yield Survivor(**json.loads(line))
@@ -229,3 +271,96 @@ class _Tally(beam.CombineFn):
 
   def extract_output(self, accumulator):
     return accumulator
+
+
+def _write_json(value, file: str) -> None:
+  paths.path(file).write_text(json.dumps(value))
+
+
+def write_tokenized(directory: str, dataset_dir: str, tokenizer: Tokenizer, data_cfg, counts: dict,
+                    pipeline_args=()) -> None:
+  """Tokenizes the split files in `directory` on the workers into builder.TokenizedText's dataset under
+  `dataset_dir` (which the workers must reach), counting documents, bytes, tokens and unknown tokens per split
+  in `counts`, as builder.py does in one process."""
+  # TFDS, and Grain through builder.py: imported for this stage only, not by the cleaning stage's workers.
+  import tensorflow_datasets as tfds
+
+  from jaxgpt.data import builder
+  options = pipeline_options(data_cfg, pipeline_args)
+  _, features = builder._encoding(data_cfg.format)
+  with _scratch(options, directory) as scratch:
+    examples = {}
+    for split in SPLITS:
+      file = corpus.clean_file(directory, split)
+      pieces = _pieces(file)
+      if options.view_as(GoogleCloudOptions).temp_location:  # the workers may not reach this machine's disk
+        file = _copy(file, str(scratch / os.path.basename(file)))
+      examples[split] = _TokenizedSplit(file, pieces, tokenizer.serialized, data_cfg.format,
+                                        str(scratch / f'counts-{split}.json'))
+    dataset = builder.TokenizedOnWorkers(documents=examples, features=features, data_dir=dataset_dir,
+                                         file_format='array_record')
+    dataset.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=options))
+    for split in SPLITS:
+      counts[split].update(json.loads((scratch / f'counts-{split}.json').read_text()))
+
+
+def _pieces(file: str) -> list[tuple[int, int, int]]:
+  """(first byte, end byte, number of the first line) of the file's consecutive runs of whole lines, each about
+  _PIECE_BYTES (or one long line)."""
+  pieces, start, first, end, lines = [], 0, 0, 0, 0
+  with open(file, 'rb') as f:
+    for line in f:
+      end, lines = end + len(line), lines + 1
+      if end - start >= _PIECE_BYTES:
+        pieces.append((start, end, first))
+        start, first = end, lines
+  if end > start:
+    pieces.append((start, end, first))
+  return pieces
+
+
+def _copy(source: str, target: str) -> str:
+  with paths.path(source).open('rb') as reader, paths.path(target).open('wb') as writer:
+    shutil.copyfileobj(reader, writer, _COPY_BYTES)
+  return target
+
+
+class _TokenizedSplit(beam.PTransform):
+  """(line number, example) for every line of a split file, tokenized by the workers a piece at a time; the split's
+  counts go to `counts_file`."""
+
+  def __init__(self, file: str, pieces: list, tokenizer: bytes, data_format: str, counts_file: str):
+    super().__init__()
+    self._file, self._pieces, self._tokenizer, self._format = file, pieces, tokenizer, data_format
+    self._counts_file = counts_file
+
+  def expand(self, root):
+    tokenized = (root | 'Pieces' >> beam.Create(self._pieces) | 'Spread pieces' >> beam.Reshuffle()
+                 | 'Tokenize' >> beam.ParDo(_Tokenize(self._file, self._tokenizer, self._format)
+                                            ).with_outputs('counts', main='examples'))
+    _ = (tokenized.counts | 'Sum counts' >> beam.CombineGlobally(lambda counts: sum(counts, collections.Counter()))
+         | 'Write counts' >> beam.Map(_write_json, self._counts_file))
+    return tokenized.examples
+
+
+class _Tokenize(beam.DoFn):
+  """A piece of a split file -> (line number, example), by builder.py's own encoding; its counts as 'counts'."""
+
+  def __init__(self, file: str, tokenizer: bytes, data_format: str):
+    self._file, self._serialized, self._format = file, tokenizer, data_format
+
+  def setup(self):
+    from jaxgpt.data import builder  # (see write_tokenized)
+    self._tokenized = builder._tokenized
+    self._tokenizer = Tokenizer.from_bytes(self._serialized)
+    self._encode, _ = builder._encoding(self._format)
+
+  def process(self, piece):
+    start, end, first = piece
+    with paths.path(self._file).open('rb') as f:
+      f.seek(start)
+      lines = f.read(end - start).splitlines()
+    counts = collections.Counter()
+    texts = (json.loads(line)['text'] for line in lines)
+    yield from enumerate(self._tokenized(texts, self._tokenizer, counts, self._encode), start=first)
+    yield beam.pvalue.TaggedOutput('counts', counts)

@@ -67,7 +67,7 @@ def prepare(data_cfg, log=print, tokenizer: Tokenizer | None = None, pipeline_ar
     except JaxgptError as e:
       raise JaxgptError(f'data.mixture.{name}: {e}') from None
   reused = True
-  if tokenizer is None and data_cfg.tokenizer.kind == 'sentencepiece':
+  if tokenizer is None and data_cfg.tokenizer.kind == 'sentencepiece' and not data_cfg.tokenizer.path:
     tokenizer, reused = _shared_tokenizer(data_cfg, configs, log)
   parts = {}
   for name, part in configs.items():

@@ -7,6 +7,8 @@ arrays [rows, seq_len]:
   positions              position inside each document (restarts at 0)
   loss_mask              1 where the target belongs to the same document (and, for
                          instruction data, is a response token)
+Preference pairs (data/preference.py) take the same layout with an axis for
+the pair's two rows: [pairs, 2, seq_len], chosen first.
 
 Each JAX process reads only its own slice of the documents, so the rows one
 process yields are that process's share of the global batch. The iterator is
@@ -27,7 +29,7 @@ import numpy as np
 _FEATURES = ('tokens', 'loss_mask')
 
 
-def _to_rows(packed: dict) -> dict:
+def to_rows(packed: dict) -> dict:
   """Turns one packed row of seq_len + 1 tokens into the training layout."""
   tokens, seg, pos = packed['tokens'], packed['tokens_segment_ids'], packed['tokens_positions']
   same_doc = (seg[1:] == seg[:-1]) & (seg[1:] > 0)
@@ -116,7 +118,7 @@ def _rows(source, seq_len: int, seed: int, shuffle: bool, process_index: int, pr
   ds = ds.repeat(None).map(lambda example: {k: example[k] for k in features})
   packed = grain.experimental.ConcatThenSplitIterDataset(
       ds.to_iter_dataset(), length_struct={k: seq_len + 1 for k in features})
-  return packed.map(_to_rows)
+  return packed.map(to_rows)
 
 
 def _source_seed(seed: int, index: int) -> int:

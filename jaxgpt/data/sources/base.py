@@ -2,8 +2,9 @@
 
 import dataclasses
 import hashlib
+import itertools
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from jaxgpt import paths
 from jaxgpt.config import JaxgptError
@@ -33,13 +34,23 @@ class Extracted:
 
 
 class Source:
-  """A stream of records, with what the cache fingerprint must cover."""
+  """A stream of records, in units that can be read apart, with what the cache fingerprint must cover."""
 
   def __init__(self, data_cfg):
     self.cfg = data_cfg
     self.root = root(data_cfg)
 
   def records(self) -> Iterator[Record]:
+    """Every record, unit after unit: data.max_docs in all."""
+    units = map(self.read_unit, self.units())
+    return itertools.islice(itertools.chain.from_iterable(units), self.cfg.max_docs or None)
+
+  def units(self) -> list:
+    """The pieces the records come in, in order (shards, groups of files, index ranges): a Beam worker reads each
+    with `read_unit`, this process one after the other."""
+    raise NotImplementedError
+
+  def read_unit(self, unit) -> Iterator[Record]:
     raise NotImplementedError
 
   def total_bytes(self) -> int | None:
@@ -95,32 +106,36 @@ def list_shards(data_cfg, suffixes: tuple[str, ...], what: str) -> list[Shard]:
   return [found[p] for p in sorted(found)]
 
 
-def shard_identity(shards: list[Shard]) -> list:
-  return [(s.path, s.stat.size, s.stat.mtime_ns) for s in shards]
+class ShardedSource(Source):
+  """Records from files (`shards`, listed by `list_shards`), each read by `read`. A shard that fails part-way
+  (truncated, corrupt, unreadable) keeps the records read before, and becomes one 'bad shard' record naming it
+  and the last good record; the other shards go on. With data.on_bad_shard='error' it is one JaxgptError
+  instead."""
 
+  shards: list[Shard]
 
-def read_shards(shards: list[Shard], read: Callable[[Shard], Iterator[Record]], data_cfg) -> Iterator[Record]:
-  """`read(shard)`'s records for every shard, data.max_docs in all. A shard that fails part-way (truncated,
-  corrupt, unreadable) keeps the records read before, and becomes one 'bad shard' record naming it and the
-  last good record; the other shards go on. With data.on_bad_shard='error' it is one JaxgptError instead."""
-  count = 0
-  for shard in shards:
+  def read(self, shard: Shard) -> Iterator[Record]:
+    raise NotImplementedError
+
+  def units(self) -> list[Shard]:
+    return self.shards
+
+  def read_unit(self, shard: Shard) -> Iterator[Record]:
     last = None
     try:
-      for record in read(shard):
-        if data_cfg.max_docs and count >= data_cfg.max_docs:
-          return
+      for record in self.read(shard):
         yield record
-        count += 1
         last = record
     except READ_ERRORS as e:
       where = f'after {last.where}' if last else 'at its start'
       problem = f'{type(e).__name__}: {str(e)[:300]}'
-      if data_cfg.on_bad_shard == 'error':
+      if self.cfg.on_bad_shard == 'error':
         raise JaxgptError(f'{shard.path} cannot be read {where} ({problem}). Re-download or remove it, or set '
                           "data.on_bad_shard='skip' to keep what it holds before the problem and go on.") from None
       yield Record(f'bad shard:{shard.path}', shard.path, 0, Extracted(None, 'bad shard', f'{problem}, {where}'))
-      count += 1
+
+  def identity(self) -> list:
+    return [(s.path, s.stat.size, s.stat.mtime_ns) for s in self.shards]
 
 
 def in_validation(key: str, fraction: float) -> bool:

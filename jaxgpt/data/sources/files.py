@@ -7,6 +7,8 @@ from jaxgpt import paths
 from jaxgpt.config import JaxgptError
 from jaxgpt.data.sources.base import Record, Source, patterns
 
+_FILES_PER_UNIT = 1024  # files per unit, the records a Beam worker lists at a time
+
 
 class FileTree(Source):
   """Every file under `root` (a local directory or a bucket's) matching an include glob and no exclude glob,
@@ -30,10 +32,14 @@ class FileTree(Source):
                         f'{data_cfg.exclude!r}) under {self.root}. Check data.path, data.glob and data.exclude.')
     self._stats = [files[k] for k in self.keys]
 
-  def records(self) -> Iterator[Record]:
-    for key, stat in zip(self.keys, self._stats):
+  def units(self) -> list[list[tuple[str, int]]]:
+    files = [(key, stat.size) for key, stat in zip(self.keys, self._stats)]
+    return [files[i:i + _FILES_PER_UNIT] for i in range(0, len(files), _FILES_PER_UNIT)]
+
+  def read_unit(self, files: list[tuple[str, int]]) -> Iterator[Record]:
+    for key, size in files:
       path = f'{self.root.rstrip("/")}/{key}'
-      yield Record(key, path, stat.size, path)
+      yield Record(key, path, size, path)
 
   def total_bytes(self) -> int:
     return sum(s.size for s in self._stats)

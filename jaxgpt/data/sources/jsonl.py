@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from jaxgpt import paths
 from jaxgpt.config import require_extra
-from jaxgpt.data.sources.base import Record, Shard, Source, list_shards, read_shards, shard_identity
+from jaxgpt.data.sources.base import Record, Shard, ShardedSource, list_shards
 from jaxgpt.data.sources.structured import jsonl_key
 
 SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst')
@@ -20,7 +20,7 @@ _WHAT = 'a .jsonl, .jsonl.gz or .jsonl.zst file, a directory of them, or a glob 
 _ZSTD_READ_SIZE = 1 << 16  # compressed bytes per step: bounds memory on highly compressible text
 
 
-class JsonLines(Source):
+class JsonLines(ShardedSource):
 
   def __init__(self, data_cfg):
     super().__init__(data_cfg)
@@ -28,10 +28,7 @@ class JsonLines(Source):
     if any(s.path.endswith('.zst') for s in self.shards):
       require_extra('corpus', 'zstandard')
 
-  def records(self) -> Iterator[Record]:
-    return read_shards(self.shards, self._read, self.cfg)
-
-  def _read(self, shard: Shard) -> Iterator[Record]:
+  def read(self, shard: Shard) -> Iterator[Record]:
     with paths.path(shard.path).open('rb') as raw, _decompressed(raw, shard.path) as f:
       for number, line in enumerate(f, start=1):
         yield Record(jsonl_key(line, self.cfg.id_field), f'{shard.path}:{number}', len(line), line)
@@ -41,9 +38,6 @@ class JsonLines(Source):
     if any(s.path.endswith(('.gz', '.zst')) for s in self.shards):
       return None
     return sum(s.stat.size for s in self.shards)
-
-  def identity(self) -> list:
-    return shard_identity(self.shards)
 
 
 def _decompressed(raw, path: str):

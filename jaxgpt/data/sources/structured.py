@@ -13,7 +13,9 @@ def fields_read(data_cfg) -> list[str]:
   if data_cfg.format == 'alpaca':
     text = ['instruction', 'input', 'output']
   elif data_cfg.format == 'chat':
-    text = ['messages']
+    text = ['messages', 'conversations']  # chat turns, or ShareGPT's
+  elif data_cfg.format == 'preference':
+    text = ['prompt', 'messages', 'conversations', 'chosen', 'rejected']
   elif data_cfg.instruction_field:
     text = [data_cfg.instruction_field, data_cfg.response_field]
   else:
@@ -22,8 +24,10 @@ def fields_read(data_cfg) -> list[str]:
 
 
 def required_fields(data_cfg) -> list[str]:
-  """The fields without which no record of a table can give text: a table lacking one is a bad shard."""
-  return [f for f in fields_read(data_cfg) if f not in (data_cfg.id_field, data_cfg.filter_field, 'input')]
+  """The fields without which no record of a table can give text: a table lacking one is a bad shard. (Where one
+  of several fields will do, as for a chat's turns, each record says what it lacks.)"""
+  optional = (data_cfg.id_field, data_cfg.filter_field, 'input', 'messages', 'conversations', 'prompt')
+  return [f for f in fields_read(data_cfg) if f not in optional]
 
 
 def id_key(value) -> str | None:

@@ -10,29 +10,24 @@ from collections.abc import Iterator
 
 from jaxgpt import paths
 from jaxgpt.config import JaxgptError, require_extra
-from jaxgpt.data.sources.base import Record, Shard, Source, list_shards, read_shards, shard_identity
+from jaxgpt.data.sources.base import Record, Shard, ShardedSource, list_shards
 from jaxgpt.data.sources.structured import fields_read, id_key, required_fields
 
 _BATCH_ROWS = 1024
 
 
-class _Table(Source):
+class _Table(ShardedSource):
   """Rows of Arrow record batches, shard after shard."""
-
-  shards: list[Shard]
 
   def __init__(self, data_cfg):
     super().__init__(data_cfg)
     require_extra('corpus', 'pyarrow')
 
-  def records(self) -> Iterator[Record]:
-    return read_shards(self.shards, self._read, self.cfg)
-
   def _batches(self, file, shard: Shard) -> tuple[list[str], Iterator]:
     """The columns of `file` and an iterator over its record batches of the columns needed."""
     raise NotImplementedError
 
-  def _read(self, shard: Shard) -> Iterator[Record]:
+  def read(self, shard: Shard) -> Iterator[Record]:
     with paths.path(shard.path).open('rb') as file:
       columns, batches = self._batches(file, shard)
       missing = [f for f in required_fields(self.cfg) if f not in columns]
@@ -52,9 +47,6 @@ class _Table(Source):
 
   def total_bytes(self) -> None:
     return None  # compressed on disk; the bar counts text
-
-  def identity(self) -> list:
-    return shard_identity(self.shards)
 
 
 class ParquetFiles(_Table):

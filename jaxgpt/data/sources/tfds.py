@@ -5,6 +5,8 @@ from collections.abc import Iterator
 from jaxgpt.config import JaxgptError
 from jaxgpt.data.sources.base import Record, Source
 
+_INDICES_PER_UNIT = 4096  # examples per unit a Beam worker reads
+
 
 class TfdsDataset(Source):
 
@@ -25,9 +27,12 @@ class TfdsDataset(Source):
                         f'(it has {", ".join(self._builder.info.features)}); set data.text_field.')
     self._count = min(len(self._examples), data_cfg.max_docs or len(self._examples))
 
-  def records(self) -> Iterator[Record]:
+  def units(self) -> list[tuple[int, int]]:
+    return [(start, min(start + _INDICES_PER_UNIT, self._count)) for start in range(0, self._count, _INDICES_PER_UNIT)]
+
+  def read_unit(self, indices: tuple[int, int]) -> Iterator[Record]:
     name = f'{self.cfg.tfds_name}/{self.cfg.tfds_split}'
-    for index in range(self._count):
+    for index in range(*indices):
       value = self._examples[index][self.cfg.text_field]
       payload = value if isinstance(value, bytes) else str(value).encode('utf-8')
       yield Record(str(index), f'{name}[{index}]', len(payload), payload)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from jaxgpt import paths
 from jaxgpt.config import require_extra
-from jaxgpt.data.sources.base import Extracted, Record, Shard, Source, list_shards, read_shards, shard_identity
+from jaxgpt.data.sources.base import Extracted, Record, Shard, ShardedSource, list_shards
 
 SUFFIXES = ('.warc', '.warc.gz', '.warc.zst', '.wet', '.wet.gz', '.wet.zst')
 _HTML_TYPES = ('text/html', 'application/xhtml+xml')
@@ -33,7 +33,7 @@ class HtmlPage:
     return Extracted(text) if text.strip() else Extracted(None, 'no text in HTML')
 
 
-class WarcFiles(Source):
+class WarcFiles(ShardedSource):
   """data.path names WARC/WET files, directories of them or globs, comma-separated."""
 
   def __init__(self, data_cfg):
@@ -41,10 +41,7 @@ class WarcFiles(Source):
     require_extra('corpus', 'fastwarc', 'resiliparse')
     self.shards = list_shards(data_cfg, SUFFIXES, 'a .warc.gz or .wet.gz file, a directory of them or a glob')
 
-  def records(self) -> Iterator[Record]:
-    return read_shards(self.shards, self._read, self.cfg)
-
-  def _read(self, shard: Shard) -> Iterator[Record]:
+  def read(self, shard: Shard) -> Iterator[Record]:
     from fastwarc import warc
     with paths.path(shard.path).open('rb') as file:
       for record in warc.ArchiveIterator(file, record_types=warc.response | warc.conversion, parse_http=True):
@@ -68,6 +65,3 @@ class WarcFiles(Source):
 
   def total_bytes(self) -> None:
     return None  # compressed on disk
-
-  def identity(self) -> list:
-    return shard_identity(self.shards)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from jaxgpt import paths
 from jaxgpt.config import require_extra
-from jaxgpt.data.sources.base import Extracted, Record, Shard, Source, list_shards, read_shards, shard_identity
+from jaxgpt.data.sources.base import Extracted, Record, Shard, ShardedSource, list_shards
 
 SUFFIXES = ('.xml.bz2', '.xml')
 _BLANK_LINES = re.compile(r'\n{3,}')
@@ -51,7 +51,7 @@ def wikitext_to_text(wikitext: str) -> str:
   return _BLANK_LINES.sub('\n\n', '\n'.join(lines)).strip()
 
 
-class WikipediaDump(Source):
+class WikipediaDump(ShardedSource):
   """data.path names dumps (.xml.bz2 or .xml), directories of them or globs, comma-separated."""
 
   def __init__(self, data_cfg):
@@ -59,10 +59,7 @@ class WikipediaDump(Source):
     require_extra('corpus', 'mwparserfromhell')
     self.shards = list_shards(data_cfg, SUFFIXES, 'a Wikipedia .xml.bz2 dump, a directory of them or a glob')
 
-  def records(self) -> Iterator[Record]:
-    return read_shards(self.shards, self._read, self.cfg)
-
-  def _read(self, shard: Shard) -> Iterator[Record]:
+  def read(self, shard: Shard) -> Iterator[Record]:
     with paths.path(shard.path).open('rb') as raw:
       stream = bz2.BZ2File(raw) if shard.path.endswith('.bz2') else raw
       wiki = shard.name.split('-')[0]  # until the dump names its wiki
@@ -75,9 +72,6 @@ class WikipediaDump(Source):
         elif event == 'end' and tag == 'page':
           yield _page_record(element, wiki, shard)
           root.clear()  # the pages read so far: memory stays flat
-
-  def identity(self) -> list:
-    return shard_identity(self.shards)
 
 
 def _page_record(page, wiki: str, shard: Shard) -> Record:
