@@ -1,5 +1,9 @@
 """The Beam executor against the local one: the same kept documents, split, report and dataset on a planted, sharded
-corpus; the same one clear error for a bad shard or record."""
+corpus; the same one clear error for a bad shard or record.
+
+Beam's DirectRunner runs here in this process (its default), which still sends every transform and element through
+Beam's pickling and coders; the documented command with two worker processes runs in tests/test_docs.py (data.md),
+which compares it with the local executor too. Worker processes cost seconds per pipeline to start."""
 
 import gzip
 import json
@@ -15,8 +19,6 @@ from jaxgpt.data.clean import minhash
 
 pytest.importorskip('apache_beam', reason="the 'beam' extra is not installed")
 from jaxgpt.data import beam_pipeline  # noqa: E402
-
-MULTI_PROCESS = '--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2'
 
 
 @pytest.fixture(scope='module')
@@ -99,8 +101,7 @@ def test_beam_and_local_prepare_the_same_dataset(corpus, tmp_path, monkeypatch):
   records = 120 + 110 + yielded + 1 + 80  # the cut shard: what it yields, then one 'bad shard' record
   fields = {'max_docs': records - 1}  # all but the last record: the first max_docs in the order read are kept
   local = builder.prepare(_config(directory, tmp_path / 'local', **fields), log=lambda m: None)
-  beam = builder.prepare(_config(directory, tmp_path / 'beam', executor='beam', beam_args=MULTI_PROCESS, **fields),
-                         log=lambda m: None)
+  beam = builder.prepare(_config(directory, tmp_path / 'beam', executor='beam', **fields), log=lambda m: None)
   assert _clean_files(beam.directory) == _clean_files(local.directory)  # the same documents, split and order
   assert beam.tokenizer.fingerprint == local.tokenizer.fingerprint
   for split in ('train', 'validation'):  # the same examples in the same order, and so the same lengths

@@ -31,6 +31,22 @@ def _serve_and_ask(run: str, prompt: str) -> list[Step]:
                Request(expect=_completed))]
 
 
+def _chat_and_ask(run: str, content: str) -> list[Step]:
+  """The server, and one chat completion: rendered with the run's own chat template."""
+  body = json.dumps({'messages': [{'role': 'user', 'content': content}], 'max_tokens': 8, 'seed': 1})
+  return [Step(f'{run}: serve', f'python -m jaxgpt.serve --workdir {run} --port {{port}}', Serve()),
+          Step(f'{run}: one chat request', f"curl -s localhost:{{port}}/v1/chat/completions "
+                                           f"-H 'Content-Type: application/json' -d '{body}'",
+               Request(expect=_chat_completed))]
+
+
+def _chat_completed(result, flow) -> None:
+  answer = json.loads(result.stdout)
+  message = answer['choices'][0]['message']
+  assert message['role'] == 'assistant' and isinstance(message['content'], str), answer
+  assert answer['object'] == 'chat.completion' and answer['usage']['completion_tokens'] > 0, answer
+
+
 def _completed(result, flow) -> None:
   answer = json.loads(result.stdout)
   assert isinstance(answer['choices'][0]['text'], str) and answer['usage']['completion_tokens'] > 0, answer
@@ -67,6 +83,7 @@ def _data_reused(result, flow) -> None:
 EXPORTS = {'finetune_gpt2': ('finetuning', 'runs/ft', 'exported/ft'),
            'sft_alpaca': ('finetuning', 'runs/sft', '~/models/gpt2-sft'),
            'lora': ('finetuning', 'runs/lora', '~/models/gpt2-lora'),
+           'dpo': ('finetuning', 'runs/dpo', 'exported/dpo'),
            'llama_tiny': ('llama_tiny', 'runs/llama_tiny', 'exported/llama_tiny')}
 
 CHAINS = {
@@ -90,6 +107,12 @@ CHAINS = {
         *_serve_and_ask('runs/sft', '<|user|>\\nUpper-case the word.\\n\\nfox\\n<|assistant|>\\n'),
         _evaluate('runs/lora'),
         *_serve_and_ask('runs/lora', 'The quick'),
+        # The preference-tuned chat model (docs/finetuning.md's DPO run on the SFT run): evaluated on
+        # references, served through chat completions, exported.
+        Step('runs/dpo: evaluate', 'python -m jaxgpt.evaluate --workdir runs/dpo --references refs.jsonl '
+                                   '--max_new_tokens 8', Run()),
+        *_chat_and_ask('runs/dpo', 'Upper-case the word.'),
+        Step('runs/dpo: export', 'python -m jaxgpt.convert --workdir=runs/dpo --export_hf=exported/dpo', Run()),
         # Moved from tests/test_lora.py: a LoRA checkpoint resumes only with the adapters' own rank.
         Step('resuming LoRA with another rank is refused',
              'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora '
@@ -146,6 +169,8 @@ FINETUNING = {run: doc_step('docs/finetuning.md', key) for run, key in (
     ('runs/lora', 'python -m jaxgpt.train --config configs/lora.py:small --workdir runs/lora '
                   '--config.init_from=~/models/gpt2 --config.data.path=my_text.jsonl'),
     ('lora sample', 'python -m jaxgpt.sample --workdir runs/lora --prompt "The meaning of life is"'),
+    ('runs/dpo', 'python -m jaxgpt.train --config configs/dpo.py:small --workdir runs/dpo --config.init_from=runs/sft '
+                 '--config.data.path=prefs.jsonl'),
     ('lora export', 'python -m jaxgpt.convert --workdir=runs/lora --export_hf=~/models/gpt2-lora'))}
 
 
@@ -160,6 +185,7 @@ CONFIGS = {
     'sft_alpaca': ('finetuning', [FINETUNING['runs/sft'], *_chain('finetuning', 'runs/sft'), FINETUNING['sft export']]),
     'lora': ('finetuning', [FINETUNING['runs/lora'], FINETUNING['lora sample'], *_chain('finetuning', 'runs/lora'),
                             FINETUNING['lora export']]),
+    'dpo': ('finetuning', [FINETUNING['runs/dpo'], *_chain('finetuning', 'runs/dpo')]),
     'web_text': ('data', [doc_step('docs/data.md', 'python -m jaxgpt.prepare --config configs/web_text.py '
                                                    '--config.data.path=~/crawl'), *_chain('data', 'runs/web')]),
     'mixture': ('data', [doc_step('docs/data.md', 'python -m jaxgpt.train --config configs/mixture.py --workdir '

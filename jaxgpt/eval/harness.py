@@ -20,7 +20,6 @@ fetched from the network. The results go to `RUN/eval/step_N/harness_NAMES.json`
 """
 
 import difflib
-import functools
 import json
 import os
 import pathlib
@@ -28,14 +27,13 @@ import sys
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from jaxgpt import inference, paths, run_dir, sharding
 from jaxgpt.config import JaxgptError
+from jaxgpt.eval import scoring
 from jaxgpt.sample import SEED_LIMIT, Sampling, complete
 
 # datasets' loaders that read the files a task names, never the Hub.
@@ -43,10 +41,6 @@ LOCAL_LOADERS = ('json', 'csv', 'parquet', 'text', 'arrow')
 OFFLINE_ENV = ('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'HF_EVALUATE_OFFLINE')
 # Generation settings a task may give (lm-eval's names); the sampler has no beam search or penalties.
 GENERATION_SETTINGS = ('until', 'max_gen_toks', 'do_sample', 'temperature', 'top_p', 'top_k')
-
-
-def _pow2_at_least(n: int, minimum: int) -> int:
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 class JaxgptLM(TemplateLM):
@@ -73,27 +67,9 @@ class JaxgptLM(TemplateLM):
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
     """(log-probability, greedy?) of each request's continuation tokens after its context tokens."""
-    rows = []
-    for _, context, continuation in requests:
-      if len(continuation) > self.max_length:
-        raise JaxgptError(f'a continuation of {len(continuation)} tokens does not fit the model\'s context of '
-                          f'{self.max_length} tokens: it cannot be scored. Evaluate a model with a longer context.')
-      rows.append((context + continuation)[-(self.max_length + 1):])
-    results = [(0.0, True)] * len(requests)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # batches of similar lengths pad least
-    for first in range(0, len(order), self.batch_size):
-      batch = order[first:first + self.batch_size]
-      T = min(self.max_length, _pow2_at_least(max(len(rows[i]) - 1 for i in batch), 16))
-      tokens_BxT = np.zeros((self.batch_size, T), np.int32)
-      targets_BxT = np.zeros((self.batch_size, T), np.int32)
-      for r, i in enumerate(batch):
-        tokens_BxT[r, :len(rows[i]) - 1], targets_BxT[r, :len(rows[i]) - 1] = rows[i][:-1], rows[i][1:]
-      logprobs_BxT, greedy_BxT = sharding.to_host(_token_scores(
-          self.loaded.model, self.loaded.params,
-          *sharding.put_global((tokens_BxT, targets_BxT), (sharding.batch_sharding(self.loaded.mesh),) * 2)))
-      for r, i in enumerate(batch):
-        end, n = len(rows[i]) - 1, len(requests[i][2])  # the continuation is the row's last n targets
-        results[i] = (float(logprobs_BxT[r, end - n:end].sum()), bool(greedy_BxT[r, end - n:end].all()))
+    results = scoring.continuation_scores(self.loaded.model, self.loaded.params,
+                                          [(context, continuation) for _, context, continuation in requests],
+                                          batch_size=self.batch_size, mesh=self.loaded.mesh, with_greedy=True)
     for (key, _, _), result in zip(requests, results):
       if key is not None:
         self.cache_hook.add_partial('loglikelihood', key, result)
@@ -153,14 +129,6 @@ class JaxgptLM(TemplateLM):
   def get_model_info(self) -> dict:
     return {'model_num_parameters': sum(x.size for x in jax.tree.leaves(self.loaded.params)),
             'model_dtype': self.loaded.model.cfg.dtype, 'max_length': self.max_length}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _token_scores(model, params, tokens_BxT, targets_BxT):
-  """Per position: log p(target | the tokens before it), and whether the target is the most likely token."""
-  logits_BxTxV = model.apply({'params': params}, tokens_BxT)
-  target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-  return target_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1), target_BxT >= logits_BxTxV.max(axis=-1)
 
 
 # --- running tasks ---------------------------------------------------------

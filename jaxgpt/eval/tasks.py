@@ -25,15 +25,13 @@ import json
 import re
 import string
 
-import jax
 import numpy as np
 
-from jaxgpt import paths, sharding
+from jaxgpt import paths
 from jaxgpt.config import JaxgptError, require_extra
 from jaxgpt.data import instructions
-from jaxgpt.eval import code_exec
+from jaxgpt.eval import code_exec, scoring
 from jaxgpt.evaluation import generation_metrics
-from jaxgpt.model import token_losses
 from jaxgpt.sample import Sampling, complete, encode_prompt, fitting_max_new_tokens
 
 TASKS = ('code', 'summarization', 'qa', 'sentiment')
@@ -146,36 +144,6 @@ def classification_metrics(predicted: list[str], gold: list[str], labels: list[s
   return {'accuracy': sum(p == g for p, g in zip(predicted, gold)) / len(gold), 'macro_f1': float(np.mean(f1s))}
 
 
-def continuation_logprobs(model, params, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                          mesh=None) -> np.ndarray:
-  """log p(continuation | context) for each (context ids, continuation ids) pair, summed over the continuation.
-
-  A pair longer than the model's context keeps its end. With a `mesh`, every process gives the
-  same pairs and each batch is split over the mesh's batch axes.
-  """
-  max_len = model.cfg.max_len
-  if any(len(continuation) > max_len for _, continuation in pairs):
-    raise JaxgptError(f'a continuation scored is longer than the model\'s context of {max_len} tokens.')
-  rows = [(context + continuation)[-(max_len + 1):] for context, continuation in pairs]
-  length = min(max_len, 1 << (max(len(r) for r in rows) - 2).bit_length())  # inputs: few shapes to compile
-  if mesh is not None:
-    batch_size = -(-batch_size // sharding.data_parallel_size(mesh.shape)) * sharding.data_parallel_size(mesh.shape)
-  score = jax.jit(lambda params, batch: -(token_losses(model, params, batch) * batch['loss_mask']).sum(-1))
-  scores = []
-  for first in range(0, len(rows), batch_size):
-    tokens_BxT = np.zeros((batch_size, length + 1), np.int32)
-    mask_BxT = np.zeros((batch_size, length), np.float32)
-    for r, ((_, continuation), row) in enumerate(zip(pairs[first:first + batch_size], rows[first:first + batch_size])):
-      tokens_BxT[r, :len(row)] = row
-      mask_BxT[r, len(row) - 1 - len(continuation):len(row) - 1] = 1  # the targets that are the continuation
-    batch = {'inputs': tokens_BxT[:, :-1], 'targets': tokens_BxT[:, 1:], 'loss_mask': mask_BxT,
-             'segment_ids': np.ones_like(tokens_BxT[:, :-1]), 'positions': np.tile(np.arange(length), (batch_size, 1))}
-    if mesh is not None:
-      batch = sharding.put_global(batch, {k: sharding.batch_sharding(mesh) for k in batch})
-    scores.append(np.asarray(sharding.to_host(score(params, batch)), np.float64))
-  return np.concatenate(scores)[:len(rows)]
-
-
 # --- the tasks ------------------------------------------------------------------------------------
 
 def response_prompt(record: dict, data_cfg) -> str:
@@ -244,7 +212,8 @@ def _sentiment(examples, model, params, tokenizer, data_cfg, batch_size: int, me
   end = data_cfg.template.end  # the response as training tokenized it: the label, then the end marker
   responses = [tokenizer.encode(label + end) for label in labels]
   pairs = [(encode_prompt(tokenizer, p), r) for p in prompts for r in responses]
-  scores = continuation_logprobs(model, params, pairs, batch_size, mesh).reshape(len(examples), len(labels))
+  scored = scoring.continuation_scores(model, params, pairs, batch_size=batch_size, mesh=mesh)
+  scores = np.array([logprob for logprob, _ in scored]).reshape(len(examples), len(labels))
   predicted = [labels[i] for i in scores.argmax(1)]
   samples = [{'prompt': p, 'reference': e['output'], 'output': label,
               'log_likelihoods': dict(zip(labels, map(float, row)))}
