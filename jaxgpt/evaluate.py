@@ -125,6 +125,11 @@ def evaluate(workdir: str, *, step: int | None = None, text: str = '', glob: str
       docs = text_documents(text, config, tokenizer, glob, text_field, max_docs)
       results = {'text': text, 'loss_on': 'all tokens', **language_model_metrics(
           model, params, docs, tokenizer.token_bytes(), config.seq_len, batch_size, loaded.mesh)}
+    elif config.data.format == 'preference':
+      # Held-out pairs are scored against the reference model, which training's validation holds: its
+      # figures are in the run's results.json. Here: the references' or prompts' generation figures.
+      results = {'text': "references and prompts only (a preference run's held-out pairs are scored by "
+                         "training: its results.json)"}
     else:
       results = {'text': f'held-out split ({"whole" if whole_split else "a sample"})',
                  'loss_on': loss_scope(config.data), **held_out_split(loaded, config, tokenizer, whole_split)}
@@ -273,9 +278,10 @@ def main(argv):
   if jax.process_index() != 0:
     return
   print(f'# step {results["step"]} of {FLAGS.workdir}, on the {results["text"]}')
-  print(f'loss {results["loss"]:.4f} | perplexity {results["perplexity"]:.2f} | '
-        f'bits per byte {results["bits_per_byte"]:.4f} | {results["tokens"]:,} tokens, {results["bytes"]:,} bytes '
-        f'({results["loss_on"]})')
+  if 'loss' in results:
+    print(f'loss {results["loss"]:.4f} | perplexity {results["perplexity"]:.2f} | '
+          f'bits per byte {results["bits_per_byte"]:.4f} | {results["tokens"]:,} tokens, {results["bytes"]:,} bytes '
+          f'({results["loss_on"]})')
   if 'bleu' in results:
     print(f'BLEU {results["bleu"]:.2f} | ROUGE-1 {results["rouge1"]:.4f} | ROUGE-2 {results["rouge2"]:.4f} | '
           f'ROUGE-L {results["rougeL"]:.4f}')

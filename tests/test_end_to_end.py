@@ -8,6 +8,7 @@ no page trains, gets a flow of its own. Every command must exit 0 and print fini
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -45,6 +46,10 @@ def _chat_completed(result, flow) -> None:
   message = answer['choices'][0]['message']
   assert message['role'] == 'assistant' and isinstance(message['content'], str), answer
   assert answer['object'] == 'chat.completion' and answer['usage']['completion_tokens'] > 0, answer
+
+
+def _references_scored(result, flow) -> None:
+  assert re.search(r'^BLEU [\d.]+ \| ROUGE-1 [\d.]+', result.stdout, re.M), result.stdout[-1000:]
 
 
 def _completed(result, flow) -> None:
@@ -110,7 +115,7 @@ CHAINS = {
         # The preference-tuned chat model (docs/finetuning.md's DPO run on the SFT run): evaluated on
         # references, served through chat completions, exported.
         Step('runs/dpo: evaluate', 'python -m jaxgpt.evaluate --workdir runs/dpo --references refs.jsonl '
-                                   '--max_new_tokens 8', Run()),
+                                   '--max_new_tokens 8', Run(expect=_references_scored)),
         *_chat_and_ask('runs/dpo', 'Upper-case the word.'),
         Step('runs/dpo: export', 'python -m jaxgpt.convert --workdir=runs/dpo --export_hf=exported/dpo', Run()),
         # Moved from tests/test_lora.py: a LoRA checkpoint resumes only with the adapters' own rank.
