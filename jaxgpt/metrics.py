@@ -3,6 +3,7 @@ files (what jaxgpt.compare reads) and, when asked, in Weights & Biases."""
 
 import contextlib
 import json
+import sys
 import time
 
 import jax
@@ -157,6 +158,24 @@ class _BucketEventsFiles:
     del url  # a bucket has no directories to create
 
 
+def _tensorboardx():
+  """tensorboardX's writer, imported here: only process 0 writes logs.
+
+  tensorboardX imports torch whenever it is installed (to accept torch tensors, which jaxgpt never
+  passes): a second of every command's start-up. Unless torch is already imported, it is hidden for
+  that import alone, and importable as usual afterwards.
+  """
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    from tensorboardX import SummaryWriter, record_writer
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter, record_writer
+
+
 class MetricWriter:
   """Console lines and scalars, written by process 0 only: to TensorBoard in `workdir` (a local directory or a
   bucket); once `start_history` is called, to its scalars.jsonl; and to Weights & Biases when
@@ -171,7 +190,7 @@ class MetricWriter:
     if project:  # on every process: a missing package fails everywhere, before the data is prepared
       require_extra('wandb', 'wandb')
     if self._active and workdir:
-      from tensorboardX import SummaryWriter, record_writer  # imported here: only process 0 writes logs
+      SummaryWriter, record_writer = _tensorboardx()
       for scheme in paths.REMOTE_SCHEMES:
         record_writer.register_writer_factory(scheme.removesuffix('://'), _BucketEventsFiles())
       self._tb = SummaryWriter(logdir=str(paths.path(workdir) / 'tensorboard'))
