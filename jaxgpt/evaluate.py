@@ -82,6 +82,8 @@ def text_documents(path: str, config, tokenizer, glob: str, text_field: str, max
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.source, data_cfg.path = ('jsonl', path) if path.endswith('.jsonl') else ('dir', path)
   data_cfg.glob, data_cfg.text_field = glob, text_field
+  if data_cfg.format == 'preference':  # a pair is not a document: --text is read as plain text
+    data_cfg.format = 'text'
   if not paths.path(path).exists():
     raise JaxgptError(f'--text {path} does not exist. Give a directory of text files or a .jsonl file.')
   texts = []

@@ -112,10 +112,10 @@ CHAINS = {
         *_serve_and_ask('runs/sft', '<|user|>\\nUpper-case the word.\\n\\nfox\\n<|assistant|>\\n'),
         _evaluate('runs/lora'),
         *_serve_and_ask('runs/lora', 'The quick'),
-        # The preference-tuned chat model (docs/finetuning.md's DPO run on the SFT run): evaluated on
-        # references, served through chat completions, exported.
-        Step('runs/dpo: evaluate', 'python -m jaxgpt.evaluate --workdir runs/dpo --references refs.jsonl '
-                                   '--max_new_tokens 8', Run(expect=_references_scored)),
+        # The preference-tuned chat model (docs/finetuning.md's DPO run on the SFT run): evaluated on text and
+        # references (its held-out pairs are training's), served through chat completions, exported.
+        Step('runs/dpo: evaluate', 'python -m jaxgpt.evaluate --workdir runs/dpo --text my_text.jsonl '
+                                   '--references refs.jsonl --max_new_tokens 8', Run(expect=_references_scored)),
         *_chat_and_ask('runs/dpo', 'Upper-case the word.'),
         Step('runs/dpo: export', 'python -m jaxgpt.convert --workdir=runs/dpo --export_hf=exported/dpo', Run()),
         # Moved from tests/test_lora.py: a LoRA checkpoint resumes only with the adapters' own rank.
