@@ -113,9 +113,11 @@ CHAINS = {
         _evaluate('runs/lora'),
         *_serve_and_ask('runs/lora', 'The quick'),
         # The preference-tuned chat model (docs/finetuning.md's DPO run on the SFT run): evaluated on text and
-        # references (its held-out pairs are training's), served through chat completions, exported.
+        # references (its held-out pairs are training's), sampled, served through chat completions, exported.
         Step('runs/dpo: evaluate', 'python -m jaxgpt.evaluate --workdir runs/dpo --text my_text.jsonl '
                                    '--references refs.jsonl --max_new_tokens 8', Run(expect=_references_scored)),
+        Step('runs/dpo: sample', "python -m jaxgpt.sample --workdir runs/dpo --prompt "
+                                 "$'<|user|>\\nUpper-case the word.\\n\\nowl\\n<|assistant|>\\n' --stop '<|end|>'", Run()),
         *_chat_and_ask('runs/dpo', 'Upper-case the word.'),
         Step('runs/dpo: export', 'python -m jaxgpt.convert --workdir=runs/dpo --export_hf=exported/dpo', Run()),
         # Moved from tests/test_lora.py: a LoRA checkpoint resumes only with the adapters' own rank.
