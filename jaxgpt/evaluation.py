@@ -17,7 +17,8 @@
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,20 +115,25 @@ def language_model_metrics(model: GPT, params, documents: Iterable[Sequence[int]
 
 # --- BLEU and ROUGE ---------------------------------------------------------
 
-def read_references(path: str) -> list[dict]:
-  """[{'prompt', 'reference'}] from a JSONL file; each bad line is named."""
+def json_lines(path: str, what: str, not_json_hint: str = '') -> Iterator[tuple[int, Any]]:
+  """(line number, parsed value) of each non-blank line of the JSONL file that is `what` (e.g. 'the
+  references file'); an unreadable file or a line that is not JSON is one error naming it."""
   try:
     lines = paths.path(path).read_text().split('\n')
   except OSError as e:
-    raise JaxgptError(f'cannot read the references file {path} ({e.strerror or e}).') from None
-  examples = []
+    raise JaxgptError(f'cannot read {what} {path} ({e.strerror or e}).') from None
   for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      example = json.loads(line)
-    except json.JSONDecodeError:
-      raise JaxgptError(f'{path}:{number} is not JSON.') from None
+    if line.strip():
+      try:
+        yield number, json.loads(line)
+      except json.JSONDecodeError:
+        raise JaxgptError(f'{path}:{number} is not JSON{not_json_hint}.') from None
+
+
+def read_references(path: str) -> list[dict]:
+  """[{'prompt', 'reference'}] from a JSONL file; each bad line is named."""
+  examples = []
+  for number, example in json_lines(path, 'the references file'):
     if not (isinstance(example, dict) and isinstance(example.get('prompt'), str)
             and isinstance(example.get('reference'), str)):
       raise JaxgptError(f'{path}:{number} needs string fields "prompt" and "reference".')

@@ -26,6 +26,7 @@ import jax
 
 from jaxgpt import inference, paths, run_dir
 from jaxgpt.config import JaxgptError
+from jaxgpt.evaluation import json_lines
 from jaxgpt.sample import Sampling, complete, encode_prompt, fitting_max_new_tokens
 
 SHEET_FILE, KEY_FILE = 'sheet.csv', 'key.json'
@@ -36,20 +37,11 @@ Z_95 = 1.959963984540054  # the standard normal's 97.5% point: statistics.Normal
 
 def read_prompts(path: str) -> list[str]:
   """The "prompt" field of each line of a JSONL file; each bad line is named."""
-  try:
-    lines = paths.path(path).read_text().split('\n')
-  except OSError as e:
-    raise JaxgptError(f'cannot read the prompts file {path} ({e.strerror or e}).') from None
   prompts = []
-  for number, line in enumerate(lines, 1):
-    if line.strip():
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        raise JaxgptError(f'{path}:{number} is not JSON: give one {{"prompt": "..."}} object per line.') from None
-      if not (isinstance(record, dict) and isinstance(record.get('prompt'), str) and record['prompt']):
-        raise JaxgptError(f'{path}:{number} needs a non-empty string field "prompt".')
-      prompts.append(record['prompt'])
+  for number, record in json_lines(path, 'the prompts file', ': give one {"prompt": "..."} object per line'):
+    if not (isinstance(record, dict) and isinstance(record.get('prompt'), str) and record['prompt']):
+      raise JaxgptError(f'{path}:{number} needs a non-empty string field "prompt".')
+    prompts.append(record['prompt'])
   if not prompts:
     raise JaxgptError(f'{path} has no prompts.')
   return prompts

@@ -27,11 +27,10 @@ import string
 
 import numpy as np
 
-from jaxgpt import paths
 from jaxgpt.config import JaxgptError, require_extra
 from jaxgpt.data import instructions
 from jaxgpt.eval import code_exec, scoring
-from jaxgpt.evaluation import generation_metrics
+from jaxgpt.evaluation import generation_metrics, json_lines
 from jaxgpt.sample import Sampling, complete, encode_prompt, fitting_max_new_tokens
 
 TASKS = ('code', 'summarization', 'qa', 'sentiment')
@@ -74,18 +73,8 @@ class Request:
 
 def read_examples(task: str, path: str) -> list[dict]:
   """The task's records from a JSONL file, each checked; a bad line is named with what it lacks."""
-  try:
-    lines = paths.path(path).read_text().split('\n')
-  except OSError as e:
-    raise JaxgptError(f'cannot read the --data file {path} ({e.strerror or e}).') from None
   examples = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      raise JaxgptError(f'{path}:{number} is not JSON.') from None
+  for number, record in json_lines(path, 'the --data file'):
     if not isinstance(record, dict) or not all(isinstance(record.get(f), str) and record[f].strip()
                                                for f in _FIELDS[task]):
       raise JaxgptError(f'{path}:{number} needs non-empty string fields {", ".join(map(repr, _FIELDS[task]))} for '
